@@ -1,0 +1,1 @@
+"""Frozen-backbone feature extraction: data sources, backbones and the on-disk EmbeddingStore."""

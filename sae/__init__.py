@@ -1,0 +1,1 @@
+"""Top-k sparse autoencoders on any (n, d) array: model, losses, training, checkpoints and codes."""
