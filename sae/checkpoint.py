@@ -105,6 +105,15 @@ def read_sae_config(sae_dir: str | os.PathLike) -> SAEConfig:
         raise ArtifactError(f"{sae_dir / 'config.json'} does not hold a valid SAE config ({e})") from e
 
 
+def sae_hash(sae_dir: str | os.PathLike) -> str:
+    """The SHA-256 of a checkpoint's weights, from its ``meta.json`` (identifies it for child artifacts)."""
+    sae_dir = Path(sae_dir)
+    meta = read_json(sae_dir / "meta.json")
+    if "weights_sha256" not in meta:
+        raise ArtifactError(f"{sae_dir / 'meta.json'} has no weights_sha256; re-save the SAE")
+    return meta["weights_sha256"]
+
+
 def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu", verify_hash: bool = True) -> TopKSAE:
     """Rebuild the SAE from ``config.json`` and load ``sae.safetensors`` strictly; returned in eval mode."""
     sae_dir = Path(sae_dir)
