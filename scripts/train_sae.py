@@ -1,0 +1,103 @@
+"""Train a top-k sparse autoencoder on an EmbeddingStore.
+
+    python scripts/train_sae.py --store STORE_DIR --out SAE_DIR [--n-latents N | --expansion E] [--k K]
+                                [--steps S | --epochs E] [--batch-size B] [--lr LR] [--variant topk|paper]
+                                [--device cpu|cuda] [--bf16] [--resume] [--overwrite] ...
+
+Multi-process: ``torchrun --nproc_per_node=N scripts/train_sae.py ...`` (same flags; the global batch is
+split across processes). After an interruption, run the same command with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from artifacts import ArtifactError
+from embeddings.store import EmbeddingStore
+from sae.batches import choose_rows
+from sae.config import SAEConfig
+from sae.train import RunConfig, TrainConfig, default_shape, train_sae
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="EmbeddingStore directory (scripts/extract.py)")
+    p.add_argument("--out", required=True, help="SAE directory to write")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--n-latents", type=int, help="SAE width (default: 4096 for d=512, else 8*d)")
+    width.add_argument("--expansion", type=int, help="SAE width as a multiple of d")
+    p.add_argument("--k", type=int, help="active latents per input (default: 16 for d=512, else max(4, d/32))")
+    p.add_argument("--variant", choices=("topk", "paper"), default="topk",
+                   help="topk: Gao et al. 2024 with AuxK (default); paper: the authors' model")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the training rows (default: 100)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: 4096, smaller for small stores)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    p.add_argument("--lr-warmup-steps", type=int, help="LR warm-up steps (default: min(5000, 5%% of steps))")
+    p.add_argument("--lr-decay", choices=("linear", "cosine", "none"), default=TrainConfig.lr_decay)
+    p.add_argument("--k-start", type=int, help="k at the start of annealing (default: min(8k, n_latents))")
+    p.add_argument("--k-anneal-steps", type=int, help="steps of k annealing (default: min(10000, steps/3))")
+    p.add_argument("--dead-window", type=int, help="samples without firing after which a latent is dead (topk)")
+    p.add_argument("--bias-init", choices=("geometric_median", "mean"), default=TrainConfig.bias_init)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--split", help="training split of the store (default: 'train' if present, else all rows)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint-every", type=int, default=RunConfig.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=RunConfig.log_every, help="steps between history records")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and replace an existing --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        store = EmbeddingStore.open(args.store)
+        n_latents, k = default_shape(store.d)
+        if args.n_latents is not None:
+            n_latents = args.n_latents
+        elif args.expansion is not None:
+            if args.expansion < 1:
+                raise ValueError(f"--expansion must be >= 1, got {args.expansion}")
+            n_latents = args.expansion * store.d
+        k = args.k if args.k is not None else min(k, n_latents)
+        if args.variant == "paper":
+            sae_config = SAEConfig.paper(d_in=store.d, n_latents=n_latents, k=k)
+        else:
+            sae_config = SAEConfig(d_in=store.d, n_latents=n_latents, k=k)
+        config = TrainConfig(
+            batch_size=args.batch_size, lr=args.lr, n_steps=args.steps, n_epochs=args.epochs,
+            lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, k_start=args.k_start,
+            k_anneal_steps=args.k_anneal_steps, dead_window_samples=args.dead_window,
+            bias_init=args.bias_init, seed=args.seed, bf16=args.bf16,
+        )
+        run = RunConfig(
+            device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+            progress=not args.no_progress,
+        )
+        train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, args.split, seed=args.seed)
+        result = train_sae(
+            store.x, args.out, sae_config, config, run, train_rows=train_rows, heldout_rows=heldout_rows,
+            parent_store_hash=store.content_hash, resume=args.resume, overwrite=args.overwrite,
+        )
+    except (ArtifactError, ValueError) as e:
+        print(f"train_sae.py: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"SAE ({sae_config.n_latents} latents, k={sae_config.k}, {sae_config.variant}) written to {result.out_dir}")
+        print(f"trained on {train_rows.size} rows; held-out metrics on {heldout_name}:")
+        heldout = {k: v for k, v in result.metrics.get("heldout", {}).items() if not isinstance(v, dict)}
+        print(json.dumps({"heldout": heldout, "train": result.metrics.get("train", {})}, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
