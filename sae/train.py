@@ -69,7 +69,7 @@ class TrainConfig:
     n_epochs: float | None = None
     """Number of passes over the training rows (fractional allowed); give this or ``n_steps``."""
     lr_warmup_steps: int | None = None
-    """Linear LR warm-up from 0; ``None``: min(5000, 5% of the steps) (the paper warms up over 5k steps)."""
+    """Linear LR warm-up from 0; ``None``: min(5000, a sixth of the steps) (the paper: 5k of ~30k steps)."""
     lr_decay: str = "linear"
     """``linear``: to 0 over the last ``lr_decay_fraction`` of the steps (Conerly et al., Anthropic circuits
     update, April 2024); ``cosine``: cosine to 0 after warm-up; ``none``: constant (the paper's)."""
@@ -155,7 +155,7 @@ class TrainConfig:
         else:
             n_epochs = self.n_epochs if self.n_epochs is not None else DEFAULT_EPOCHS
             n_steps = max(1, math.ceil(n_epochs * batches_per_epoch))
-        warmup = self.lr_warmup_steps if self.lr_warmup_steps is not None else min(5000, math.ceil(0.05 * n_steps))
+        warmup = self.lr_warmup_steps if self.lr_warmup_steps is not None else min(5000, n_steps // 6)
         k = sae_config.k
         k_start = self.k_start if self.k_start is not None else min(8 * k, sae_config.n_latents)
         k_start = min(max(k_start, k), sae_config.n_latents)

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     length.add_argument("--epochs", type=float, help="passes over the training rows (default: 100)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: 4096, smaller for small stores)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
-    p.add_argument("--lr-warmup-steps", type=int, help="LR warm-up steps (default: min(5000, 5%% of steps))")
+    p.add_argument("--lr-warmup-steps", type=int, help="LR warm-up steps (default: min(5000, steps/6))")
     p.add_argument("--lr-decay", choices=("linear", "cosine", "none"), default=TrainConfig.lr_decay)
     p.add_argument("--k-start", type=int, help="k at the start of annealing (default: min(8k, n_latents))")
     p.add_argument("--k-anneal-steps", type=int, help="steps of k annealing (default: min(10000, steps/3))")
