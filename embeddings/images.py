@@ -25,6 +25,7 @@ Decompression bombs: Pillow refuses images larger than ``2 * Image.MAX_IMAGE_PIX
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,10 @@ def _load_rgb(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise (_bomb(size) if size else BadImage(f"decompression bomb ({e})")) from e
+        # Pillow raises inside Image.open, before the size is known here; its message carries the count.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        n_pixels = found.group(1) if found else "too many"
+        raise BadImage(f"decompression bomb ({n_pixels} pixels)") from e
     except UnidentifiedImageError as e:
         raise BadImage("not an image") from e
     except PermissionError as e:
