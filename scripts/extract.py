@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from embeddings.extract import DTYPES, ExtractConfig, ExtractRun, extract
+DTYPES = ("float32", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
                 "and pass --weights CNN_DIR (or pass --weights random for an untrained CNN)"
             )
         weights = "hub"
+    # Imported after the argument checks, so that a usage error answers at once, without loading torch.
+    from embeddings.extract import ExtractConfig, ExtractRun, extract
+
     config = ExtractConfig(
         source=args.source, kind=args.kind, backbone=backbone, weights=weights, output=args.output,
         normalize=args.normalize, dtype=args.dtype, batch_size=args.batch_size, seed=args.seed,
