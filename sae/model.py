@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sae import losses
 from sae.config import SAEConfig
-from sae.sparse import gather_pre, sparse_decode
+from sae.sparse import SparsePattern, gather_pre, sparse_decode
 
 
 @dataclass
@@ -115,10 +115,11 @@ class TopKSAE(nn.Module):
                 return raw, raw * scale, scale
         return raw, raw, None
 
-    def _select(self, x: Tensor, raw: Tensor, scale: Tensor | None, indices: Tensor) -> Tensor:
-        """Differentiable (dropped-out, ReLU'd for ``topk``) pre-activations at ``indices``; ``(b, m)``."""
+    def _select(self, x: Tensor, raw: Tensor, scale: Tensor | None, pattern: SparsePattern) -> Tensor:
+        """Differentiable (dropped-out, ReLU'd for ``topk``) pre-activations at the pattern; ``(b, k)``."""
         b_dec = self.b_dec if self.config.subtract_decoder_bias else None
-        vals = gather_pre(x, self.W_enc, self.b_enc, b_dec, indices, raw.gather(1, indices))
+        indices = pattern.indices
+        vals = gather_pre(x, self.W_enc, self.b_enc, b_dec, pattern, raw.gather(1, indices))
         if scale is not None:
             vals = vals * scale.gather(1, indices)
         return vals if self.is_paper else F.relu(vals)
@@ -132,9 +133,9 @@ class TopKSAE(nn.Module):
         self._check_x(x)
         raw, pre, scale = self._pre(x)
         _, indices = torch.topk(pre, k, dim=1, sorted=True)
-        return self._select(x, raw, scale, indices), indices
+        return self._select(x, raw, scale, SparsePattern(indices, self.config.n_latents)), indices
 
-    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+    def decode(self, values: Tensor, indices: Tensor | SparsePattern) -> Tensor:
         """``(values (b, k), indices (b, k)) -> recon (b, d_in)`` without the dense ``(b, n)`` code."""
         return sparse_decode(values, indices, self.decoder_weight()) + self.b_dec
 
@@ -166,18 +167,10 @@ class TopKSAE(nn.Module):
             if dead_cols.numel() == 0:
                 dead_cols = None
 
-        aux_indices = None
-        if dead_cols is not None and not self.is_paper:
-            # AuxK (Gao et al. 2024, Sec. A.2): the k_aux largest pre-activations among dead latents.
-            k_aux = min(cfg.auxk_k_effective, dead_cols.numel())
-            _, local = torch.topk(pre[:, dead_cols], k_aux, dim=1, sorted=True)
-            aux_indices = dead_cols[local]
-            both = self._select(x, raw, scale, torch.cat([indices, aux_indices], 1))
-            values, aux_values = both[:, :k], both[:, k:]
-        else:
-            values = self._select(x, raw, scale, indices)
+        pattern = SparsePattern(indices, cfg.n_latents)  # shared by the encoder's and decoder's backward
+        values = self._select(x, raw, scale, pattern)
 
-        recon = self.decode(values, indices)
+        recon = self.decode(values, pattern)
         fvu = losses.fvu(x, recon, x_var)
         zero = fvu.new_zeros(())
         if self.is_paper:
@@ -189,20 +182,39 @@ class TopKSAE(nn.Module):
         else:
             recon_loss = fvu
             aux = zero
-            if aux_indices is not None:
-                residual = (x - recon).detach()
-                residual_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-                scale_aux = min(dead_cols.numel() / cfg.auxk_k_effective, 1.0)
-                aux = losses.auxk_loss(residual, residual_hat, x, x_var, scale_aux)
-            loss = recon_loss + cfg.auxk_coef * aux if aux_indices is not None else recon_loss
+            if dead_cols is not None:
+                aux = self._auxk(x, recon, pre, scale, dead_cols, x_var)
+            loss = recon_loss + cfg.auxk_coef * aux if dead_cols is not None else recon_loss
         return SAEOutput(recon=recon, values=values, indices=indices, fvu=fvu, recon_loss=recon_loss, aux=aux, loss=loss)
+
+    def _dead_pre(self, x: Tensor, scale: Tensor | None, dead_cols: Tensor) -> Tensor:
+        """Differentiable (dropped-out) pre-activations of the dead latents only, ``(b, n_dead)``.
+
+        The auxiliary losses touch only dead columns, so they are computed densely in that subspace: with
+        few dead latents this costs ``b * d * n_dead``, far below the full matmul, and BLAS beats a scatter
+        of the ``b * k_aux`` entries (k_aux = d/2 is large).
+        """
+        x_in = x - self.b_dec if self.config.subtract_decoder_bias else x
+        dead_pre = torch.addmm(self.b_enc[dead_cols], x_in, self.W_enc[:, dead_cols])
+        if scale is not None:
+            dead_pre = dead_pre * scale[:, dead_cols]
+        return dead_pre
+
+    def _auxk(self, x: Tensor, recon: Tensor, pre: Tensor, scale: Tensor | None, dead_cols: Tensor, x_var) -> Tensor:
+        """AuxK (Gao et al. 2024, Sec. A.2): the top-k_aux dead latents reconstruct the residual."""
+        n_dead = dead_cols.numel()
+        k_aux = min(self.config.auxk_k_effective, n_dead)
+        with torch.no_grad():
+            _, local = torch.topk(pre[:, dead_cols], k_aux, dim=1, sorted=False)
+        dead_pre = self._dead_pre(x, scale, dead_cols)
+        code = torch.zeros_like(dead_pre).scatter(1, local, F.relu(dead_pre.gather(1, local)))
+        residual_hat = code @ self.W_dec[dead_cols]
+        residual = (x - recon).detach()
+        return losses.auxk_loss(residual, residual_hat, x, x_var, min(n_dead / self.config.auxk_k_effective, 1.0))
 
     def _ghost(self, x: Tensor, recon: Tensor, scale: Tensor | None, dead_cols: Tensor) -> Tensor:
         """The authors' ghost loss on dead latents: dense over the dead columns only (others are zero)."""
-        x_in = x - self.b_dec if self.config.subtract_decoder_bias else x
-        ghost_pre = x_in @ self.W_enc[:, dead_cols] + self.b_enc[dead_cols]
-        if scale is not None:
-            ghost_pre = ghost_pre * scale[:, dead_cols]
+        ghost_pre = self._dead_pre(x, scale, dead_cols)
         ghost_recon = ghost_pre @ self.decoder_weight()[dead_cols] + self.b_dec
         return losses.ghost_loss(ghost_recon, (x - recon).detach())
 
