@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight-decay", type=float, default=defaults_train.weight_decay)
     p.add_argument("--seed", type=int, default=0, help="initialisation, batch order and the digits split")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while training (0: torch's default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = p.parse_args(argv)
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"{args.out} already exists; pass --overwrite to replace it")
     config = CNNConfig(width=args.width)
     train = CNNTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay)
-    model, metrics = train_cnn(config, train, seed=args.seed, device=args.device)
+    model, metrics = train_cnn(config, train, seed=args.seed, device=args.device, n_threads=args.threads or None)
     out = save_cnn(model, args.out, train=train, seed=args.seed, metrics=metrics, overwrite=args.overwrite)
     print(
         f"digits CNN width {config.width} ({config.n_features} features, {metrics['n_parameters']} parameters): "
