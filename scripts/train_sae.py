@@ -29,9 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", required=True, help="EmbeddingStore directory (scripts/extract.py)")
     p.add_argument("--out", required=True, help="SAE directory to write")
     width = p.add_mutually_exclusive_group()
-    width.add_argument("--n-latents", type=int, help="SAE width (default: 4096 for d=512, else 8*d)")
+    width.add_argument("--n-latents", type=int, help="SAE width (default: 8*d, e.g. 4096 for 512-d CLIP, capped for small stores)")
     width.add_argument("--expansion", type=int, help="SAE width as a multiple of d")
-    p.add_argument("--k", type=int, help="active latents per input (default: 16 for d=512, else max(4, d/32))")
+    p.add_argument("--k", type=int, help="active latents per input (default: d/32, e.g. 16 for d=512, at least 4)")
     p.add_argument("--variant", choices=("topk", "paper"), default="topk",
                    help="topk: Gao et al. 2024 with AuxK (default); paper: the authors' model")
     length = p.add_mutually_exclusive_group()
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--split", help="training split of the store (default: 'train' if present, else all rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=RunConfig.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=RunConfig.log_every, help="steps between history records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         store = EmbeddingStore.open(args.store)
-        n_latents, k = default_shape(store.d)
+        train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, args.split, seed=args.seed)
+        n_latents, k = default_shape(store.d, train_rows.size)
         if args.n_latents is not None:
             n_latents = args.n_latents
         elif args.expansion is not None:
@@ -81,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         run = RunConfig(
             device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            progress=not args.no_progress,
+            progress=not args.no_progress, n_threads=args.threads,
         )
-        train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, args.split, seed=args.seed)
         result = train_sae(
             store.x, args.out, sae_config, config, run, train_rows=train_rows, heldout_rows=heldout_rows,
             parent_store_hash=store.content_hash, resume=args.resume, overwrite=args.overwrite,

@@ -23,7 +23,7 @@ from sae.batches import BatchStream, choose_rows, heldout_split
 from sae.checkpoint import load_sae
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
-from sae.train import KILL_ENV, RunConfig, TrainConfig, TrainPlan, k_at, lr_at, train_sae
+from sae.train import KILL_ENV, RunConfig, TrainConfig, TrainPlan, default_shape, k_at, lr_at, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_sae.py"
@@ -226,6 +226,13 @@ def test_config_validation_names_flags():
         RunConfig(checkpoint_every=-1)
 
 
+def test_default_shape_is_the_papers_for_clip_and_capped_for_small_data():
+    assert default_shape(512, 1_231_167) == (4096, 16)
+    assert default_shape(512) == (4096, 16)
+    assert default_shape(200, 1079) == (128, 6)
+    assert default_shape(24, 100) == (64, 4)
+
+
 def test_plan_defaults_scale_with_data_and_match_the_paper_at_scale():
     paper = TrainConfig().plan(1_231_167, SAEConfig(512, 4096, 16))
     assert paper.batch_size == 4096 and paper.k_start == 128
@@ -353,7 +360,7 @@ def test_script_trains_a_store_end_to_end(store, tmp_path, capsys):
     assert code == 0, err
     assert str(tmp_path / "sae") in out and "held-out metrics on val" in out
     model = load_sae(tmp_path / "sae")
-    assert (model.config.d_in, model.config.n_latents, model.config.k) == (24, 192, 4)  # 8x d, k >= 4
+    assert (model.config.d_in, model.config.n_latents, model.config.k) == (24, 64, 4)  # width capped by rows
     config = json.loads((tmp_path / "sae" / "config.json").read_text())
     assert config["parent_store_hash"] == store.content_hash
     held = config["metrics"]["heldout"]
@@ -365,7 +372,7 @@ def test_script_rejects_bad_flags_with_clear_errors(store, tmp_path, capsys):
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--steps", "5", "--epochs", "1", capsys=capsys)
     assert code == 2 and "not allowed with argument" in err
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--k", "500", "--steps", "2", capsys=capsys)
-    assert code == 2 and "--k must be in [1, --n-latents=192]" in err
+    assert code == 2 and "--k must be in [1, --n-latents=64]" in err
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--split", "nope", capsys=capsys)
     assert code == 2 and "--split 'nope'" in err
     code, _, err = run_script("--store", str(tmp_path / "missing"), "--out", str(tmp_path / "a"), capsys=capsys)
