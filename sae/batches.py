@@ -183,3 +183,77 @@ def choose_rows(
             return np.sort(train), np.sort(split[name]), name
     keep, held = heldout_split(train.size, heldout_fraction, seed)
     return np.sort(train[keep]), np.sort(train[held]), f"held-out {heldout_fraction:.0%} of the training rows"
+
+
+class IterableStream:
+    """Batches from a re-iterable source: every ``iter(source)`` yields the same sequence of ``(b, d)``
+    arrays or tensors (a list, a seeded DataLoader, a generator function wrapped in a class, ...).
+
+    One pass over the source is an epoch; the state is ``(epoch, position)`` and a resumed stream re-iterates
+    the source and skips the batches already consumed. Under data parallelism each process passes its own
+    source (its shard); the trainer sums the batch sizes across processes.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.epoch = 0
+        self.position = 0
+        self._it = None
+
+    def _restart(self) -> None:
+        self._it = iter(self.source)
+        for _ in range(self.position):
+            next(self._it)
+
+    def next_batch(self) -> Batch:
+        """The next batch as float32 numpy; ``rows`` are positions within the batch, ``n_global`` its size."""
+        if self._it is None:
+            self._restart()
+        try:
+            item = next(self._it)
+        except StopIteration:
+            if self.position == 0:
+                raise ValueError("the batch source yielded no batches") from None
+            self.epoch, self.position = self.epoch + 1, 0
+            self._restart()
+            item = next(self._it)
+        if hasattr(item, "detach"):
+            item = item.detach().cpu().numpy()
+        x = np.asarray(item, dtype=np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"the batch source must yield 2-d (b, d) batches, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ValueError(
+                f"batch {self.position} of epoch {self.epoch} holds NaN or Inf in its rows {bad[:10].tolist()}"
+            )
+        epoch = self.epoch
+        self.position += 1
+        return Batch(x=x, rows=np.arange(x.shape[0], dtype=np.int64), n_global=x.shape[0], epoch=epoch)
+
+    def state_dict(self) -> dict:
+        return {"kind": "iterable", "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "iterable":
+            raise ValueError("the saved stream was not a batch source; resume with the data of the interrupted run")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._it = None
+
+
+def first_rows(source, n_rows: int) -> np.ndarray:
+    """Up to ``n_rows`` rows from the start of a re-iterable batch source, float32 ``(m, d)``."""
+    parts, total = [], 0
+    for item in source:
+        if hasattr(item, "detach"):
+            item = item.detach().cpu().numpy()
+        part = np.asarray(item, dtype=np.float32)
+        if part.ndim != 2:
+            raise ValueError(f"the batch source must yield 2-d (b, d) batches, got shape {part.shape}")
+        parts.append(part[: n_rows - total])
+        total += parts[-1].shape[0]
+        if total >= n_rows:
+            break
+    if not parts:
+        raise ValueError("the batch source yielded no batches")
+    return np.concatenate(parts)

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from artifacts import ArtifactError, commit_dir, partial_dir
-from sae.batches import BatchStream
+from sae.batches import BatchStream, IterableStream, first_rows
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
 from sae.model import TopKSAE
@@ -206,6 +206,11 @@ class RunConfig:
     """Show a tqdm progress bar (rank 0 only)."""
     n_threads: int | None = None
     """CPU threads for torch (``None``: torch's default); one thread is often faster for small SAEs."""
+    val_every: int = 0
+    """Evaluate on (at most ``max_val_rows`` of) the held-out rows every this many steps (0: never). For the
+    ``paper`` variant these evaluations also feed its cumulative dead-latent counts, as the authors' do."""
+    max_val_rows: int = 8192
+    """At most this many held-out rows (a seeded subsample) in the periodic validation."""
     eval_batch_size: int = 4096
     """Batch size of the held-out evaluation."""
     max_eval_rows: int = 100_000
@@ -218,7 +223,9 @@ class RunConfig:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
         if self.n_threads is not None and self.n_threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.n_threads}")
-        if self.eval_batch_size < 1 or self.max_eval_rows < 1:
+        if self.val_every < 0:
+            raise ValueError(f"--val-every must be >= 0, got {self.val_every}")
+        if self.eval_batch_size < 1 or self.max_eval_rows < 1 or self.max_val_rows < 1:
             raise ValueError("eval batch size and max eval rows must be >= 1")
 
 
@@ -417,6 +424,8 @@ class TrainResult:
     """Final held-out metrics plus training summary (rank 0; empty on other ranks)."""
     history: list[dict]
     """Per-log-step training metrics."""
+    val_history: list[dict]
+    """Periodic held-out metrics (``RunConfig.val_every``)."""
     resumed_from_step: int
     """Step the run continued from (0 for a fresh run)."""
 
@@ -462,6 +471,9 @@ def _make_tracker(sae_config: SAEConfig, config: TrainConfig, plan: TrainPlan):
 
 def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over ranks with a single flat all-reduce (each rank already weighted its share)."""
+    for p in params:
+        if p.grad is None:  # a rank with no rows in this batch has not built its gradients yet
+            p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     offset = 0
@@ -491,8 +503,78 @@ def _check_paths(out_dir: Path, work_dir: Path, resume: bool, overwrite: bool) -
     return False
 
 
+@dataclass
+class _Data:
+    """The training data, whichever form it came in: an ``(n, d)`` array or a re-iterable batch source."""
+
+    x: Any
+    rows: np.ndarray | None
+    n_rows: int
+    d: int
+    heldout: Any
+    heldout_rows: np.ndarray | None
+    batch_size: int | None = None
+
+    @property
+    def is_array(self) -> bool:
+        return self.rows is not None
+
+    def digest(self) -> str:
+        return _rows_digest(self.rows, int(self.x.shape[0])) if self.is_array else "batch source"
+
+    def stream(self, batch_size: int, seed: int, ctx: DistContext):
+        if self.is_array:
+            return BatchStream(self.x, batch_size, rows=self.rows, seed=seed, rank=ctx.rank, world_size=ctx.world_size)
+        return IterableStream(self.x)
+
+    def init_sample(self, n_samples: int, seed: int) -> np.ndarray:
+        if self.is_array:
+            return _initial_sample(self.x, self.rows, n_samples, seed)
+        return first_rows(self.x, n_samples)
+
+    def heldout_sample(self, max_rows: int, seed: int) -> np.ndarray | None:
+        if self.heldout is not None:
+            held = np.asarray(self.heldout, dtype=np.float32)
+            if held.ndim != 2 or held.shape[1] != self.d:
+                raise ValueError(f"held-out data must be (m, {self.d}), got shape {held.shape}")
+            if held.shape[0] > max_rows:
+                pick = np.sort(np.random.default_rng([seed, 0xE7A1]).choice(held.shape[0], max_rows, replace=False))
+                held = held[pick]
+            return held
+        if self.heldout_rows is not None and len(self.heldout_rows) > 0 and self.is_array:
+            return _heldout_sample(self.x, self.heldout_rows, max_rows, seed)
+        return None
+
+
+def _as_data(x, train_rows, heldout_rows, heldout_x, config: TrainConfig) -> _Data:
+    if getattr(x, "ndim", None) is not None:
+        if x.ndim != 2:
+            raise ValueError(f"training data must be a 2-d (n, d) array, got shape {x.shape}")
+        n = int(x.shape[0])
+        rows = np.arange(n, dtype=np.int64) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+        if rows.size == 0:
+            raise ValueError("no training rows: the selected split is empty")
+        return _Data(x, rows, int(rows.size), int(x.shape[1]), heldout_x, heldout_rows)
+    if not hasattr(x, "__iter__"):
+        raise ValueError(f"training data must be an (n, d) array or a re-iterable source of batches, got {type(x)}")
+    if train_rows is not None or heldout_rows is not None:
+        raise ValueError("train_rows / heldout_rows select rows of an array; with a batch source pass heldout_x")
+    n_batches = len(x) if hasattr(x, "__len__") else None
+    if config.n_steps is None and n_batches is None:
+        raise ValueError("a batch source without len() needs --steps (n_steps), not --epochs")
+    first = next(iter(x), None)
+    if first is None:
+        raise ValueError("the batch source yielded no batches")
+    if getattr(first, "ndim", None) != 2:
+        raise ValueError(f"the batch source must yield 2-d (b, d) batches, got shape {getattr(first, 'shape', None)}")
+    b, d = int(first.shape[0]), int(first.shape[1])
+    # A batch source has no row count: one pass is estimated from the first batch (for the data-size defaults).
+    n_rows = b * (n_batches if n_batches is not None else config.n_steps)
+    return _Data(x, None, n_rows, d, heldout_x, None, batch_size=b)
+
+
 def train_sae(
-    x: np.ndarray,
+    x: Any,
     out_dir: str | os.PathLike,
     sae_config: SAEConfig,
     config: TrainConfig = TrainConfig(),
@@ -500,25 +582,27 @@ def train_sae(
     *,
     train_rows: np.ndarray | None = None,
     heldout_rows: np.ndarray | None = None,
+    heldout_x: np.ndarray | None = None,
     parent_store_hash: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Train an SAE on ``x[train_rows]`` (``x (n, d)``, any float array, e.g. a memory map) and write
-    ``out_dir``; evaluate on ``x[heldout_rows]`` (``None``: no held-out metrics).
+    """Train an SAE and write ``out_dir``.
+
+    ``x`` is an ``(n, d)`` float array (e.g. a store's memory map; trained on ``x[train_rows]``, held-out
+    metrics on ``x[heldout_rows]``), or a re-iterable source of ``(b, d)`` batches (every ``iter(x)``
+    yields the same sequence; give ``n_steps``, or ``n_epochs`` when it has ``len``; under torchrun each
+    process passes its own shard). ``heldout_x``: held-out rows as an array, instead of ``heldout_rows``.
 
     ``resume=True`` continues from the checkpoint of an interrupted run with the same settings (or starts
     fresh when there is none); ``overwrite=True`` discards an old checkpoint and replaces ``out_dir``.
     """
-    if getattr(x, "ndim", None) != 2:
-        raise ValueError(f"training data must be a 2-d (n, d) array, got shape {getattr(x, 'shape', None)}")
-    n, d = int(x.shape[0]), int(x.shape[1])
-    if d != sae_config.d_in:
-        raise ValueError(f"the data has d={d} but the SAE config has d_in={sae_config.d_in}")
-    rows = np.arange(n, dtype=np.int64) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
-    if rows.size == 0:
-        raise ValueError("no training rows: the selected split is empty")
-    plan = config.plan(int(rows.size), sae_config)
+    data = _as_data(x, train_rows, heldout_rows, heldout_x, config)
+    if data.d != sae_config.d_in:
+        raise ValueError(f"the data has d={data.d} but the SAE config has d_in={sae_config.d_in}")
+    # A batch source brings its own batch size.
+    plan_config = config if data.is_array else dataclasses.replace(config, batch_size=data.batch_size)
+    plan = plan_config.plan(data.n_rows, sae_config)
 
     out_dir = Path(out_dir)
     work_dir = partial_dir(out_dir)
@@ -536,7 +620,7 @@ def train_sae(
             work_dir.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
         return _train(
-            x, rows, heldout_rows, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+            data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
             parent_store_hash, will_resume, overwrite, ctx, device,
         )
     finally:
@@ -544,30 +628,31 @@ def train_sae(
 
 
 def _train(
-    x, rows, heldout_rows, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+    data: _Data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
     parent_store_hash, will_resume, overwrite, ctx: DistContext, device: torch.device,
 ) -> TrainResult:
-    n, d = int(x.shape[0]), int(x.shape[1])
+    d = data.d
     fingerprint = _jsonable(
         {
             "d": d,
-            "n_rows": int(rows.size),
-            "rows": _rows_digest(rows, n),
+            "n_rows": data.n_rows,
+            "rows": data.digest(),
             "parent_store_hash": parent_store_hash,
             "sae_config": sae_config.to_dict(),
             "train_config": config.to_dict(),
         }
     )
 
-    if rows.size * d <= SMALL_DATA_ELEMENTS:
-        check_finite(x, rows)
+    if data.is_array and data.n_rows * d <= SMALL_DATA_ELEMENTS:
+        check_finite(data.x, data.rows)
     _seed_everything(config.seed)
     model = TopKSAE(sae_config).to(device)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    stream = BatchStream(x, plan.batch_size, rows=rows, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
+    stream = data.stream(plan.batch_size, config.seed, ctx)
     tracker = _make_tracker(sae_config, config, plan)
     history: list[dict] = []
+    val_history: list[dict] = []
     step = 0
     elapsed_before = 0.0
 
@@ -581,12 +666,13 @@ def _train(
         stream.load_state_dict(state["stream"])
         tracker.load_state_dict(state["dead"])
         history = list(state["history"])
+        val_history = list(state["val_history"])
         step = int(state["step"])
         x_var = float(state["x_var"])
         elapsed_before = float(state["elapsed_s"])
         _set_rng_state(state["rng"], device)
     else:
-        sample = _initial_sample(x, rows, config.n_init_samples, config.seed)
+        sample = data.init_sample(config.n_init_samples, config.seed)
         model.init_from_data_(torch.from_numpy(sample), method=config.bias_init)
         # A fixed FVU normaliser (the data's total variance) makes the loss a mean of per-sample terms,
         # so that data-parallel shards sum to the one-process gradient.
@@ -594,6 +680,11 @@ def _train(
         if not x_var > 0:
             raise ValueError("the training rows have zero variance (all identical); an SAE cannot be trained on them")
     resumed_from = step
+    x_val = None
+    if run.val_every:
+        from sae.metrics import evaluate
+
+        x_val = data.heldout_sample(run.max_val_rows, config.seed)
 
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
     kill_after = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
@@ -616,9 +707,15 @@ def _train(
             group["lr"] = lr_now
         batch = stream.next_batch()
         b_local, n_global = batch.x.shape[0], batch.n_global
+        if not data.is_array and ctx.world_size > 1:
+            # Each process iterates its own shard: the global batch is the sum of the local ones.
+            sizes = torch.tensor([b_local], dtype=torch.int64, device=device)
+            dist.all_reduce(sizes)
+            n_global = int(sizes)
         dead = tracker.dead_mask().to(device)
         opt.zero_grad(set_to_none=False)
-        local = torch.zeros(n_latents + 4, dtype=torch.float64)
+        # Firing counts and loss sums of this rank's share, reduced in one call (on the device: NCCL needs it).
+        local = torch.zeros(n_latents + 4, dtype=torch.float64, device=device)
         if b_local > 0:
             xb = torch.from_numpy(batch.x).to(device)
             with amp:
@@ -628,14 +725,15 @@ def _train(
             (out.loss * (b_local / n_global)).backward()
             with torch.no_grad():
                 active = out.active
-                local[:n_latents] = firing_counts(out.indices, active, n_latents).to("cpu", torch.float64)
+                local[:n_latents] = firing_counts(out.indices, active, n_latents).double()
                 local[n_latents:] = torch.stack(
                     [out.loss.detach().double() * b_local, out.fvu.detach().double() * b_local,
                      out.aux.detach().double() * b_local, active.sum().double()]
-                ).cpu()
+                )
         if ctx.world_size > 1:
             _allreduce_grads(params)
             dist.all_reduce(local)
+        local = local.cpu()
         if sae_config.variant != "paper":
             # Gao et al. 2024, Sec. A.1: drop the gradient component parallel to each unit decoder row.
             model.remove_parallel_grad_()
@@ -672,6 +770,13 @@ def _train(
                     fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}",
                     sps=f"{rec['samples_per_s']:.0f}",
                 )
+        if x_val is not None and step % run.val_every == 0:
+            val, freq = evaluate(model, x_val, run.eval_batch_size, return_frequencies=True)
+            model.train()
+            if sae_config.variant == "paper":
+                # The authors' quirk: evaluation batches also count towards the cumulative firing frequency.
+                tracker.update(torch.from_numpy(np.rint(freq * val["n"]).astype(np.int64)), val["n"])
+            val_history.append({"step": step, **{k: v for k, v in val.items() if not isinstance(v, dict)}})
         if bar is not None:
             bar.update(1)
         if run.checkpoint_every and step % run.checkpoint_every == 0 and step < plan.n_steps:
@@ -688,6 +793,7 @@ def _train(
                         "stream": stream.state_dict(),
                         "dead": tracker.state_dict(),
                         "history": history,
+                        "val_history": val_history,
                         "x_var": x_var,
                         "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                         "rng": _rng_state(device),
@@ -703,11 +809,13 @@ def _train(
     metrics: dict = {}
     if ctx.is_main:
         metrics = _finish(
-            model, x, heldout_rows, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
-            parent_store_hash, overwrite, history, tracker, step, train_s,
+            model, data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+            parent_store_hash, overwrite, history, val_history, tracker, step, train_s,
         )
     ctx.barrier()
-    return TrainResult(out_dir=out_dir, metrics=metrics, history=history, resumed_from_step=resumed_from)
+    return TrainResult(
+        out_dir=out_dir, metrics=metrics, history=history, val_history=val_history, resumed_from_step=resumed_from
+    )
 
 
 def _heldout_sample(x: np.ndarray, heldout_rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -722,18 +830,18 @@ def _heldout_sample(x: np.ndarray, heldout_rows: np.ndarray, max_rows: int, seed
 
 
 def _finish(
-    model, x, heldout_rows, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
-    parent_store_hash, overwrite, history, tracker, step, train_s,
+    model, data: _Data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+    parent_store_hash, overwrite, history, val_history, tracker, step, train_s,
 ) -> dict:
     """Evaluate on held-out rows, write the SAE into the work directory, and commit it as ``out_dir``."""
     from sae.checkpoint import save_sae
 
     model.eval()
     metrics: dict = {}
-    if heldout_rows is not None and len(heldout_rows) > 0:
+    x_held = data.heldout_sample(run.max_eval_rows, config.seed)
+    if x_held is not None:
         from sae.metrics import evaluate
 
-        x_held = _heldout_sample(x, heldout_rows, run.max_eval_rows, config.seed)
         metrics.update(evaluate(model, x_held, run.eval_batch_size))
     summary = {
         "n_steps": step,
@@ -750,7 +858,9 @@ def _finish(
         shutil.rmtree(staged)
     save_sae(
         model, staged, train_config=train_record, parent_store_hash=parent_store_hash, metrics=final,
-        extra_json={"metrics.json": {"final": final, "plan": plan.to_dict(), "history": history}},
+        extra_json={
+            "metrics.json": {"final": final, "plan": plan.to_dict(), "history": history, "val_history": val_history}
+        },
     )
     commit_dir(staged, out_dir, overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)

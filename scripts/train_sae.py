@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--checkpoint-every", type=int, default=RunConfig.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=RunConfig.log_every, help="steps between history records")
+    p.add_argument("--val-every", type=int, default=0, help="held-out evaluation every this many steps (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and replace an existing --out")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         run = RunConfig(
             device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
             progress=not args.no_progress, n_threads=args.threads,
+            val_every=args.val_every,
         )
         result = train_sae(
             store.x, args.out, sae_config, config, run, train_rows=train_rows, heldout_rows=heldout_rows,

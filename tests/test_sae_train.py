@@ -35,6 +35,20 @@ def blobs(n: int = 400, d: int = 16, seed: int = 0) -> np.ndarray:
     return rng.normal(size=(n, d)).astype(np.float32)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Make the test-only kill hook raise instead of killing the test process."""
+
+    def fake_kill(pid, sig):
+        raise Interrupted
+
+    monkeypatch.setenv(KILL_ENV, str(step))
+    monkeypatch.setattr(train_mod.os, "kill", fake_kill)
+
+
 # --------------------------------------------------------------------------------------------- streaming
 def epoch_rows(stream: BatchStream, n_batches: int) -> list[np.ndarray]:
     return [stream.next_rows()[0] for _ in range(n_batches)]
@@ -296,15 +310,7 @@ def test_existing_output_and_leftover_checkpoint_are_refused(tmp_path, monkeypat
     x = blobs(200, 8)
     args = (x, tmp_path / "s", SAEConfig(8, 32, 2), TrainConfig(n_steps=12, batch_size=40))
     run = RunConfig(progress=False, checkpoint_every=5)
-
-    class Interrupted(Exception):
-        pass
-
-    def fake_kill(pid, sig):
-        raise Interrupted
-
-    monkeypatch.setenv(KILL_ENV, "7")
-    monkeypatch.setattr(train_mod.os, "kill", fake_kill)
+    interrupt_at(monkeypatch, 7)
     with pytest.raises(Interrupted):
         train_sae(*args, run)
     monkeypatch.delenv(KILL_ENV)
@@ -381,15 +387,7 @@ def test_script_rejects_bad_flags_with_clear_errors(store, tmp_path, capsys):
 
 def test_script_refuses_resume_on_a_store_of_another_width(store, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sae"
-    monkeypatch.setenv(KILL_ENV, "4")
-
-    class Interrupted(Exception):
-        pass
-
-    def fake_kill(pid, sig):
-        raise Interrupted
-
-    monkeypatch.setattr(train_mod.os, "kill", fake_kill)
+    interrupt_at(monkeypatch, 4)
     with pytest.raises(Interrupted):
         run_script("--store", str(store.store_dir), "--out", str(out), "--steps", "10", "--checkpoint-every", "2",
                    "--no-progress", capsys=capsys)
@@ -411,3 +409,55 @@ def test_script_names_nan_rows_of_a_store(tmp_path, capsys):
     code, _, err = run_script("--store", str(store.store_dir), "--out", str(tmp_path / "sae"), "--steps", "3",
                               "--no-progress", capsys=capsys)
     assert code == 2 and "NaN or Inf in 1 rows: [13]" in err
+
+
+class Batches:
+    """A re-iterable batch source (every iteration yields the same batches)."""
+
+    def __init__(self, x: np.ndarray, batch_size: int):
+        self.x, self.batch_size = x, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.x), self.batch_size):
+            yield torch.from_numpy(self.x[start : start + self.batch_size])
+
+
+def test_batch_source_trains_and_resumes_to_identical_weights(tmp_path, monkeypatch):
+    x = blobs(130, 8)
+    args = (SAEConfig(8, 32, 2), TrainConfig(n_epochs=3.0, seed=4))
+    run = RunConfig(progress=False, checkpoint_every=4, log_every=2)
+    ref = train_sae(Batches(x, 30), tmp_path / "ref", *args, run, heldout_x=blobs(20, 8, seed=9))
+    assert ref.history[-1]["step"] == 15  # 3 passes of 5 batches
+    assert ref.metrics["heldout"]["n"] == 20
+    interrupt_at(monkeypatch, 10)
+    with pytest.raises(Interrupted):
+        train_sae(Batches(x, 30), tmp_path / "b", *args, run, heldout_x=blobs(20, 8, seed=9))
+    monkeypatch.delenv(KILL_ENV)
+    res = train_sae(Batches(x, 30), tmp_path / "b", *args, run, heldout_x=blobs(20, 8, seed=9), resume=True)
+    assert res.resumed_from_step == 8
+    a, b = load_sae(tmp_path / "ref"), load_sae(tmp_path / "b")
+    for name, p in a.named_parameters():
+        assert torch.equal(p, getattr(b, name)), name
+    with pytest.raises(ValueError, match="needs --steps"):
+        train_sae(iter([x]), tmp_path / "c", *args, run)
+
+
+def test_paper_variant_counts_validation_batches_as_dead_statistics(tmp_path, monkeypatch):
+    """The authors' quirk: evaluation also updates the cumulative firing counts (only for ``paper``)."""
+    x = blobs(240, 8)
+    run = RunConfig(progress=False, checkpoint_every=10, log_every=5, val_every=5)
+    for variant, config in (("paper", SAEConfig.paper(d_in=8, n_latents=32, k=2)), ("topk", SAEConfig(8, 32, 2))):
+        interrupt_at(monkeypatch, 10)
+        out = tmp_path / variant
+        with pytest.raises(Interrupted):
+            train_sae(x, out, config, TrainConfig(n_steps=20, batch_size=20), run,
+                      train_rows=np.arange(200), heldout_rows=np.arange(200, 240))
+        state = train_mod.load_checkpoint(partial_dir(out) / "checkpoint.pt")
+        assert [v["step"] for v in state["val_history"]] == [5, 10]
+        if variant == "paper":
+            assert state["dead"]["n_seen"] == 10 * 20 + 2 * 40  # training samples plus two validations
+        else:
+            assert state["dead"]["kind"] == "window"
