@@ -135,8 +135,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated row-name prefixes to run (e.g. ours,floor)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -173,6 +177,8 @@ def main() -> None:
         ("floor: matmul + top-k", lambda: floor_factory(args, x, dead, x_var, device)),
     ]
     for name, factory in factories:
+        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+            continue
         if args.skip_reference and name.startswith("reference"):
             rows[name] = "skipped: --skip-reference"
             continue

@@ -83,15 +83,27 @@ class GatherPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, pattern: SparsePattern, gathered: Tensor):
-        ctx.save_for_backward(x, W_enc, b_dec if b_dec is not None else torch.empty(0))
+    def forward(
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor | None,
+        pattern: SparsePattern,
+        gathered: Tensor,
+        x_in: Tensor | None,
+    ):
+        # x_in = x - b_dec when the caller already has it (saves recomputing it in the backward).
+        if x_in is None:
+            x_in = x if b_dec is None else x - b_dec
+        ctx.save_for_backward(x_in, W_enc)
         ctx.has_b_dec = b_dec is not None
         ctx.pattern = pattern
         return gathered.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W_enc, b_dec = ctx.saved_tensors
+        x_in, W_enc = ctx.saved_tensors
         pattern = ctx.pattern
         indices = pattern.indices
         n_latents = W_enc.shape[1]
@@ -106,24 +118,81 @@ class GatherPre(torch.autograd.Function):
         if need_be:
             grad_be = s
         if need_w:
-            x_in = x.to(W_enc.dtype)
-            if ctx.has_b_dec:
-                x_in = x_in - b_dec
-            grad_w = pattern.t_matmul(g, x_in).t()
+            grad_w = pattern.t_matmul(g, x_in.to(W_enc.dtype)).t()
         if need_x:
             W_t = W_enc.t().contiguous()
-            grad_x = F.embedding_bag(indices, W_t, per_sample_weights=g, mode="sum").to(x.dtype)
+            grad_x = F.embedding_bag(indices, W_t, per_sample_weights=g, mode="sum").to(x_in.dtype)
         if ctx.has_b_dec and need_bd:
             grad_bd = -(W_enc @ s)
-        return grad_x, grad_w, grad_be, grad_bd, None, None
+        return grad_x, grad_w, grad_be, grad_bd, None, None, None
 
 
 def gather_pre(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, indices: Tensor | SparsePattern, gathered: Tensor
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    indices: Tensor | SparsePattern,
+    gathered: Tensor,
+    x_in: Tensor | None = None,
 ) -> Tensor:
-    """Differentiable ``pre.gather(1, indices)`` given the gathered values; ``(b, m)``."""
+    """Differentiable ``pre.gather(1, indices)`` given the gathered values; ``(b, m)``.
+
+    ``pre = (x - b_dec) @ W_enc + b_enc`` (no ``- b_dec`` when ``b_dec`` is None); ``x_in``, if given, is
+    ``x - b_dec`` computed without autograd.
+    """
     pattern = indices if isinstance(indices, SparsePattern) else SparsePattern(indices, W_enc.shape[1])
-    return GatherPre.apply(x, W_enc, b_enc, b_dec, pattern, gathered)
+    return GatherPre.apply(x, W_enc, b_enc, b_dec, pattern, gathered, None if x_in is None else x_in.detach())
+
+
+class ColumnPre(torch.autograd.Function):
+    """Pre-activations of a set of latent columns ``pre[:, cols]`` (``(b, c)``), dense backward on those columns.
+
+    The auxiliary losses use every dead latent's pre-activation; the forward takes the values already gathered
+    from the dense pre-activations and the backward costs one ``d x b x c`` matmul (plus one for ``x`` only
+    when it needs a gradient), instead of recomputing the columns and differentiating through the indexing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, cols: Tensor, gathered: Tensor, x_in: Tensor | None):
+        if x_in is None:
+            x_in = x if b_dec is None else x - b_dec
+        ctx.save_for_backward(x_in, W_enc, cols)
+        ctx.has_b_dec = b_dec is not None
+        return gathered.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_in, W_enc, cols = ctx.saved_tensors
+        g = grad.to(W_enc.dtype)
+        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_be = grad_bd = None
+        s = g.sum(0) if (need_be or need_bd) else None
+        if need_w:
+            grad_w = torch.zeros_like(W_enc)
+            grad_w[:, cols] = x_in.to(W_enc.dtype).t() @ g
+        if need_be:
+            grad_be = W_enc.new_zeros(W_enc.shape[1])
+            grad_be[cols] = s
+        W_cols = W_enc[:, cols] if (need_x or need_bd) else None
+        if need_x:
+            grad_x = (g @ W_cols.t()).to(x_in.dtype)
+        if ctx.has_b_dec and need_bd:
+            grad_bd = -(W_cols @ s)
+        return grad_x, grad_w, grad_be, grad_bd, None, None, None
+
+
+def column_pre(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    cols: Tensor,
+    gathered: Tensor,
+    x_in: Tensor | None = None,
+) -> Tensor:
+    """Differentiable ``pre[:, cols]`` given its values; ``pre = (x - b_dec) @ W_enc + b_enc``; ``(b, c)``."""
+    return ColumnPre.apply(x, W_enc, b_enc, b_dec, cols, gathered, None if x_in is None else x_in.detach())
 
 
 class SparseDecode(torch.autograd.Function):
