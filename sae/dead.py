@@ -2,7 +2,7 @@
 
 Two rules, chosen by the SAE variant:
 
-- ``WindowDeadTracker`` (``topk``, Gao et al. 2024, Sec. A.2): a latent is dead when it has not fired on
+- ``WindowDeadTracker`` (``topk``, Gao et al. 2024, AuxK): a latent is dead when it has not fired on
   any of the last ``window_samples`` training samples. The count is over a sliding window, not since the
   start, so a latent that stops firing becomes dead once the window has passed, and a dead latent that
   fires again is alive at once.

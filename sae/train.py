@@ -80,7 +80,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     """Adam beta2."""
     adam_eps: float = 6.25e-10
-    """Adam epsilon (6.25e-10 as in Gao et al. 2024, Sec. A.4; the default 1e-8 damps rare latents' steps)."""
+    """Adam epsilon: 6.25e-10 as in Gao et al. 2024's released training code (github.com/openai/
+    sparse_autoencoder); torch's 1e-8 is large next to the tiny second moments of rarely firing latents."""
     grad_clip: float = 1.0
     """Maximum global gradient norm (the paper's 1; 0 disables clipping)."""
     k_start: int | None = None
@@ -735,7 +736,7 @@ def _train(
             dist.all_reduce(local)
         local = local.cpu()
         if sae_config.variant != "paper":
-            # Gao et al. 2024, Sec. A.1: drop the gradient component parallel to each unit decoder row.
+            # Gao et al. 2024 (appendix): drop the gradient component parallel to each unit decoder row.
             model.remove_parallel_grad_()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

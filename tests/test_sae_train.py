@@ -319,6 +319,10 @@ def test_existing_output_and_leftover_checkpoint_are_refused(tmp_path, monkeypat
         train_sae(*args, run)
     with pytest.raises(ArtifactError, match="other settings:\n  lr: checkpoint 0.001, now 0.002"):
         train_sae(x, tmp_path / "s", SAEConfig(8, 32, 2), TrainConfig(n_steps=12, batch_size=40, lr=2e-3), run, resume=True)
+    with pytest.raises(ArtifactError, match="was made from store None, not from this store \\(other\\)"):
+        train_sae(*args, run, resume=True, parent_store_hash="other")
+    with pytest.raises(ArtifactError, match=r"training rows \(rows\)"):
+        train_sae(*args, run, resume=True, train_rows=np.arange(150))
     res = train_sae(*args, run, resume=True)
     assert res.resumed_from_step == 5 and [h["step"] for h in res.history][-1] == 12
     with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
