@@ -136,14 +136,24 @@ class TopKSAE(nn.Module):
                 # multipliers are drawn for the whole (b, n) batch at once, like nn.Dropout.
                 scale = dropout_scale((x.shape[0], self.config.n_latents), self.config.dropout, x_in)
             b = x.shape[0]
-            block = b if x.device.type != "cpu" else CPU_BLOCK_ROWS
+            if x.device.type == "cpu":
+                block = CPU_BLOCK_ROWS
+                # The bias enters the matmul as an extra input column of ones: addmm first copies the
+                # broadcast bias into its (b, n) output, a full extra pass over the largest array.
+                ones = x_in.new_ones(b, 1)
+                lhs = torch.cat([x_in, ones], 1)
+                rhs = torch.cat([self.W_enc, self.b_enc[None].to(self.W_enc.dtype)], 0)
+                matmul = lambda rows: lhs[rows] @ rhs  # noqa: E731
+            else:
+                block = b
+                matmul = lambda rows: torch.addmm(self.b_enc, x_in[rows], self.W_enc)  # noqa: E731
             parts = []
             for start in range(0, b, block):
                 stop = min(start + block, b)
-                raw = torch.addmm(self.b_enc, x_in[start:stop], self.W_enc)
+                raw = matmul(slice(start, stop))
                 pre = raw if scale is None else raw * scale[start:stop]
                 _, idx = torch.topk(pre, k, dim=1, sorted=True)
-                dead_raw = raw[:, dead_cols] if dead_cols is not None else None
+                dead_raw = raw.index_select(1, dead_cols) if dead_cols is not None else None
                 parts.append((idx, raw.gather(1, idx), dead_raw))
             cat = (lambda i: torch.cat([p[i] for p in parts])) if len(parts) > 1 else (lambda i: parts[0][i])
             indices = cat(0)

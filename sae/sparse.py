@@ -169,8 +169,11 @@ class ColumnPre(torch.autograd.Function):
         grad_x = grad_w = grad_be = grad_bd = None
         s = g.sum(0) if (need_be or need_bd) else None
         if need_w:
-            grad_w = torch.zeros_like(W_enc)
-            grad_w[:, cols] = x_in.to(W_enc.dtype).t() @ g
+            # Built as the transpose of an (n, d) matrix, the layout GatherPre's gradient has, so that
+            # autograd sums the two without a strided add (measured 30x slower than a contiguous one).
+            grad_w_t = W_enc.new_zeros(W_enc.shape[1], W_enc.shape[0])
+            grad_w_t.index_copy_(0, cols, (x_in.to(W_enc.dtype).t() @ g).t())  # this matmul order is 2x faster
+            grad_w = grad_w_t.t()
         if need_be:
             grad_be = W_enc.new_zeros(W_enc.shape[1])
             grad_be[cols] = s
