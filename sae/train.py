@@ -381,6 +381,12 @@ def _rows_digest(rows: np.ndarray | None, n: int) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
+def hash_ints(*values: int) -> int:
+    """A 63-bit seed derived from integers (stable across processes and Python versions)."""
+    digest = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
@@ -680,6 +686,11 @@ def _train(
         x_var = float(np.var(sample.astype(np.float64), axis=0).sum())
         if not x_var > 0:
             raise ValueError("the training rows have zero variance (all identical); an SAE cannot be trained on them")
+    if ctx.rank > 0:
+        # Every rank built the same initial model from the same seed; from here on each draws its own
+        # dropout masks (paper variant), else all ranks would apply identical masks to different rows.
+        # Only rank 0's RNG state is checkpointed, so the other ranks reseed from (seed, rank, step).
+        torch.manual_seed(hash_ints(config.seed, ctx.rank, step))
     resumed_from = step
     x_val = None
     if run.val_every:

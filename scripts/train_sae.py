@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k-start", type=int, help="k at the start of annealing (default: min(8k, n_latents))")
     p.add_argument("--k-anneal-steps", type=int, help="steps of k annealing (default: min(10000, steps/3))")
     p.add_argument("--dead-window", type=int, help="samples without firing after which a latent is dead (topk)")
+    p.add_argument("--dead-threshold", type=float, default=TrainConfig.dead_threshold,
+                   help="paper variant: dead while the cumulative firing frequency is below this")
+    p.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip, help="max gradient norm (0: off)")
     p.add_argument("--bias-init", choices=("geometric_median", "mean"), default=TrainConfig.bias_init)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, lr=args.lr, n_steps=args.steps, n_epochs=args.epochs,
             lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, k_start=args.k_start,
             k_anneal_steps=args.k_anneal_steps, dead_window_samples=args.dead_window,
+            dead_threshold=args.dead_threshold, grad_clip=args.grad_clip,
             bias_init=args.bias_init, seed=args.seed, bf16=args.bf16,
         )
         run = RunConfig(
