@@ -26,8 +26,8 @@ class DigitsRunConfig:
     """Channels of the digits CNN; its embedding width is 25 × this (--cnn-width)."""
     cnn_epochs: int = 20
     """Global training epochs of the digits CNN (--cnn-epochs)."""
-    sae_expansion: int = 8
-    """SAE latents per embedding dimension (--sae-expansion)."""
+    sae_n_latents: int | None = None
+    """SAE width; ``None``: the default for the width and the number of training rows (--sae-n-latents)."""
     sae_k: int | None = None
     """Active latents per image; ``None``: the default for the width (--sae-k)."""
     sae_epochs: float = 200.0
@@ -40,8 +40,8 @@ class DigitsRunConfig:
             raise ValueError(f"--cnn-width must be >= 1, got {self.cnn_width}")
         if self.cnn_epochs < 1:
             raise ValueError(f"--cnn-epochs must be >= 1, got {self.cnn_epochs}")
-        if self.sae_expansion < 1:
-            raise ValueError(f"--sae-expansion must be >= 1, got {self.sae_expansion}")
+        if self.sae_n_latents is not None and self.sae_n_latents < 1:
+            raise ValueError(f"--sae-n-latents must be >= 1, got {self.sae_n_latents}")
         if self.sae_k is not None and self.sae_k < 1:
             raise ValueError(f"--sae-k must be >= 1, got {self.sae_k}")
         if not self.sae_epochs > 0:
@@ -84,7 +84,8 @@ def run_digits(out_dir: str | Path, config: DigitsRunConfig = DigitsRunConfig(),
     if sae_dir.is_dir():
         _log(f"sae: reusing {sae_dir}")
     else:
-        sae_config = sae_config_for_store(store.d, expansion=config.sae_expansion, k=config.sae_k)
+        n_train = len(store.split["train"])
+        sae_config = sae_config_for_store(store.d, n_train, n_latents=config.sae_n_latents, k=config.sae_k)
         _log(f"sae: training {sae_config.n_latents} latents, k={sae_config.k} on {store.d}-d embeddings")
         train_sae_on_store(
             store_dir,

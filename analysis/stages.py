@@ -19,17 +19,18 @@ from sae.train import RunConfig, TrainConfig, TrainResult, default_shape, train_
 
 def sae_config_for_store(
     d: int,
+    n_rows: int | None = None,
     *,
     n_latents: int | None = None,
     expansion: int | None = None,
     k: int | None = None,
     variant: str = "topk",
 ) -> SAEConfig:
-    """The SAE shape for embeddings of width ``d``: explicit values win, else ``default_shape(d)``
-    (the paper's 4096 latents, k=16 for 512-d CLIP)."""
+    """The SAE shape for ``n_rows`` training embeddings of width ``d``: explicit values win, else
+    ``default_shape`` (the paper's 4096 latents, k=16 for 512-d CLIP; narrower on small data)."""
     if n_latents is not None and expansion is not None:
         raise ValueError("pass --n-latents or --expansion, not both")
-    default_latents, default_k = default_shape(d)
+    default_latents, default_k = default_shape(d, n_rows)
     if expansion is not None:
         if expansion < 1:
             raise ValueError(f"--expansion must be >= 1, got {expansion}")
@@ -59,9 +60,9 @@ def train_sae_on_store(
     Returns the training result and the name of the held-out rows.
     """
     store = EmbeddingStore.open(store_dir)
-    sae_config = sae_config_for_store(store.d) if sae_config is None else sae_config
-    check_compatible(sae_config, store.d, f"store {store_dir}")
     train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, split, seed=config.seed)
+    sae_config = sae_config_for_store(store.d, train_rows.size) if sae_config is None else sae_config
+    check_compatible(sae_config, store.d, f"store {store_dir}")
     result = train_sae(
         store.x,
         out_dir,

@@ -22,13 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--cnn-width", type=int, default=defaults.cnn_width)
     p.add_argument("--cnn-epochs", type=int, default=defaults.cnn_epochs)
-    p.add_argument("--sae-expansion", type=int, default=defaults.sae_expansion)
+    p.add_argument("--sae-n-latents", type=int, default=defaults.sae_n_latents)
     p.add_argument("--sae-k", type=int, default=defaults.sae_k)
     p.add_argument("--sae-epochs", type=float, default=defaults.sae_epochs)
     args = p.parse_args(argv)
     try:
         config = DigitsRunConfig(
-            cnn_width=args.cnn_width, cnn_epochs=args.cnn_epochs, sae_expansion=args.sae_expansion,
+            cnn_width=args.cnn_width, cnn_epochs=args.cnn_epochs, sae_n_latents=args.sae_n_latents,
             sae_k=args.sae_k, sae_epochs=args.sae_epochs, seed=args.seed,
         )
         summary = run_digits(args.out, config, device=args.device)
