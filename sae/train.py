@@ -1,6 +1,8 @@
-"""Training of a top-k SAE on an ``(n, d)`` array: schedules, dead latents, checkpoint/resume, data parallel.
+"""Training of a top-k SAE on an ``(n, d)`` array or a batch source: schedules, dead latents, checkpoints
+and resume, data parallel.
 
-``train_sae`` streams shuffled batches from the array (a memory map is never loaded whole), optimises
+``train_sae`` streams shuffled batches from the array (a memory map is never loaded whole; a re-iterable
+source of batches also works), optimises
 ``FVU + AuxK`` (or the authors' ``MSE + ghost`` for the ``paper`` variant) with Adam, LR warm-up and decay,
 gradient clipping and k annealing, and writes a complete SAE directory atomically:
 
@@ -18,6 +20,7 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads its part of every global
 summed across ranks with one all-reduce per step (weighted so that the result is the gradient of the
 global-batch mean), and firing counts are all-reduced so that the dead-latent rule sees the global batch.
 Only rank 0 writes. The model equals a one-process run with the same global batch up to float rounding.
+The stream state is global, so a run may resume with another number of processes (then not bitwise).
 """
 
 from __future__ import annotations
@@ -566,6 +569,12 @@ def _as_data(x, train_rows, heldout_rows, heldout_x, config: TrainConfig) -> _Da
         raise ValueError(f"training data must be an (n, d) array or a re-iterable source of batches, got {type(x)}")
     if train_rows is not None or heldout_rows is not None:
         raise ValueError("train_rows / heldout_rows select rows of an array; with a batch source pass heldout_x")
+    if iter(x) is x:
+        # Resume and the initial data sample re-iterate the source, which a one-shot iterator cannot do.
+        raise ValueError(
+            "the batch source must be re-iterable (a list, a DataLoader, an object whose __iter__ starts over), "
+            "not a one-shot iterator or generator"
+        )
     n_batches = len(x) if hasattr(x, "__len__") else None
     if config.n_steps is None and n_batches is None:
         raise ValueError("a batch source without len() needs --steps (n_steps), not --epochs")

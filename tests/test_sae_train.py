@@ -445,8 +445,15 @@ def test_batch_source_trains_and_resumes_to_identical_weights(tmp_path, monkeypa
     a, b = load_sae(tmp_path / "ref"), load_sae(tmp_path / "b")
     for name, p in a.named_parameters():
         assert torch.equal(p, getattr(b, name)), name
+
+    class NoLength:
+        def __iter__(self):
+            return iter([x])
+
     with pytest.raises(ValueError, match="needs --steps"):
-        train_sae(iter([x]), tmp_path / "c", *args, run)
+        train_sae(NoLength(), tmp_path / "c", *args, run)
+    with pytest.raises(ValueError, match="must be re-iterable"):
+        train_sae((b for b in [x]), tmp_path / "c", SAEConfig(8, 32, 2), TrainConfig(n_steps=3), run)
 
 
 def test_paper_variant_counts_validation_batches_as_dead_statistics(tmp_path, monkeypatch):
