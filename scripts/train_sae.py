@@ -17,11 +17,11 @@ import sys
 
 import torch
 
+from analysis.stages import sae_config_for_store, train_sae_on_store
 from artifacts import ArtifactError
 from embeddings.store import EmbeddingStore
 from sae.batches import choose_rows
-from sae.config import SAEConfig
-from sae.train import RunConfig, TrainConfig, default_shape, train_sae
+from sae.train import RunConfig, TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,19 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         store = EmbeddingStore.open(args.store)
-        train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, args.split, seed=args.seed)
-        n_latents, k = default_shape(store.d, train_rows.size)
-        if args.n_latents is not None:
-            n_latents = args.n_latents
-        elif args.expansion is not None:
-            if args.expansion < 1:
-                raise ValueError(f"--expansion must be >= 1, got {args.expansion}")
-            n_latents = args.expansion * store.d
-        k = args.k if args.k is not None else min(k, n_latents)
-        if args.variant == "paper":
-            sae_config = SAEConfig.paper(d_in=store.d, n_latents=n_latents, k=k)
-        else:
-            sae_config = SAEConfig(d_in=store.d, n_latents=n_latents, k=k)
         config = TrainConfig(
             batch_size=args.batch_size, lr=args.lr, n_steps=args.steps, n_epochs=args.epochs,
             lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, k_start=args.k_start,
@@ -88,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         run = RunConfig(
             device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            progress=not args.no_progress, n_threads=args.threads,
-            val_every=args.val_every,
+            progress=not args.no_progress, n_threads=args.threads, val_every=args.val_every,
         )
-        result = train_sae(
-            store.x, args.out, sae_config, config, run, train_rows=train_rows, heldout_rows=heldout_rows,
-            parent_store_hash=store.content_hash, resume=args.resume, overwrite=args.overwrite,
+        train_rows, _, _ = choose_rows(store.n, store.split, args.split, seed=args.seed)
+        sae_config = sae_config_for_store(
+            store.d, train_rows.size, n_latents=args.n_latents, expansion=args.expansion, k=args.k,
+            variant=args.variant,
+        )
+        result, heldout_name = train_sae_on_store(
+            args.store, args.out, sae_config, config, run, split=args.split, resume=args.resume,
+            overwrite=args.overwrite,
         )
     except (ArtifactError, ValueError) as e:
         print(f"train_sae.py: error: {e}", file=sys.stderr)
