@@ -270,6 +270,25 @@ def test_lr_warms_up_then_decays_linearly_to_zero():
     assert lr_at(0, 1.0, cplan, cos) == 1.0 and lr_at(50, 1.0, cplan, cos) == pytest.approx(0.5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n_steps=st.integers(1, 400),
+    warmup=st.one_of(st.none(), st.integers(0, 100)),
+    decay=st.sampled_from(["linear", "cosine", "none"]),
+)
+def test_lr_schedule_stays_within_peak_and_warms_up_monotonically(n_steps, warmup, decay):
+    cfg = TrainConfig(n_steps=n_steps, lr=2.0, lr_warmup_steps=warmup, lr_decay=decay)
+    plan = cfg.plan(10_000, SAEConfig(8, 64, 4))
+    lrs = np.array([lr_at(s, 2.0, plan, cfg) for s in range(n_steps)])
+    assert np.all(lrs > 0) and np.all(lrs <= 2.0 + 1e-12)
+    decay_start = n_steps - int(round(cfg.lr_decay_fraction * n_steps)) if decay == "linear" else n_steps
+    assert np.all(np.diff(lrs[: min(plan.lr_warmup_steps, decay_start)]) > 0)  # warm-up rises until decay
+    if decay == "none" and n_steps > plan.lr_warmup_steps:
+        assert lrs[-1] == 2.0
+    ks = [k_at(s, 4, plan) for s in range(n_steps)]
+    assert ks[0] == (plan.k_start if plan.k_anneal_steps > 0 else 4) and all(4 <= k <= plan.k_start for k in ks)
+
+
 def test_k_anneals_from_k_start_to_k():
     plan = TrainPlan(batch_size=8, n_steps=100, lr_warmup_steps=0, k_start=128, k_anneal_steps=40, dead_window_samples=8)
     ks = [k_at(s, 16, plan) for s in range(100)]
