@@ -255,8 +255,19 @@ class TopKSAE(nn.Module):
         n_dead = dead_cols.numel()
         k_aux = min(self.config.auxk_k_effective, n_dead)
         dead_pre = self._dead_pre(x, sel)
-        _, local = torch.topk(dead_pre.detach(), k_aux, dim=1, sorted=False)
-        code = torch.zeros_like(dead_pre).scatter(1, local, F.relu(dead_pre.gather(1, local)))
+        with torch.no_grad():
+            # A 0/1 mask of each row's k_aux largest: dense (b, n_dead) ops then replace gather/scatter, and
+            # when k_aux is more than half the dead latents it is cheaper to drop the smallest instead.
+            dp = dead_pre.detach()
+            if k_aux == n_dead:
+                mask = None
+            elif 2 * k_aux > n_dead:
+                _, drop = torch.topk(dp, n_dead - k_aux, dim=1, largest=False, sorted=False)
+                mask = torch.ones_like(dp).scatter_(1, drop, 0.0)
+            else:
+                _, keep = torch.topk(dp, k_aux, dim=1, sorted=False)
+                mask = torch.zeros_like(dp).scatter_(1, keep, 1.0)
+        code = F.relu(dead_pre) if mask is None else F.relu(dead_pre) * mask
         residual_hat = code @ self.W_dec[dead_cols]
         residual = (x - recon).detach()
         return losses.auxk_loss(residual, residual_hat, x, x_var, min(n_dead / self.config.auxk_k_effective, 1.0))
