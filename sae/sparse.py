@@ -1,8 +1,10 @@
-"""Sparse autograd functions of the top-k SAE: gathered pre-activations and sparse decoding.
+"""Sparse autograd functions of the top-k SAE: gathered pre-activations, dead-column pre-activations and
+sparse decoding.
 
-After top-k only ``b * m`` pre-activations (m = k, plus the AuxK latents) receive a gradient, so the
-encoder's backward costs ``b * m * d`` instead of the dense ``b * n_latents * d`` matmul, and the decoder
-never builds the dense ``(b, n_latents)`` code. ``sae/reference.py`` is the dense twin these are tested against.
+After top-k only ``b * k`` pre-activations receive a gradient, so the encoder's backward costs ``b * k * d``
+(one CSR sparse-dense product) instead of the dense ``b * n_latents * d`` matmul, and the decoder never builds
+the dense ``(b, n_latents)`` code. The auxiliary losses touch only the dead latents' columns, whose backward
+is dense on those columns. ``sae/reference.py`` is the dense twin these are tested against.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
