@@ -224,3 +224,23 @@ def test_digits_cnn_has_no_hub_weights():
         load_backbone("digits-cnn", weights="hub")
     b = load_backbone("digits-cnn", weights="random")
     assert b.info["weights_source"] == "random" and b.info["output_kind"] == "pre_logits" and b.d == 200
+
+
+def test_hub_weights_come_from_the_local_cache_offline(tmp_path, monkeypatch, reference):
+    model, state = reference
+    # The layout huggingface_hub gives its cache: a snapshot per commit and a ref naming it.
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    weights = repo / "snapshots" / commit / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file(state, str(weights))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    b = load_backbone(SMALL, weights="hub")
+    assert b.info["weights_source"] == "hub:timm/test_resnet.r160_in1k"
+    assert b.info["weights_sha256"] == sha256_file(weights)
+    x = _batch(b)
+    torch.testing.assert_close(b.features(x), _pre_logits(model, x), rtol=0, atol=0)
