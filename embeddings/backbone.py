@@ -9,9 +9,11 @@ Weights:
 - ``"hub"``: timm's ``pretrained=True``, which reads the Hugging Face cache and honours
   ``HF_HUB_OFFLINE``. When the weights can't be had, ``WeightsError`` says so and how to pass a file;
 - a path to a ``.safetensors``, ``.pth``/``.pt`` or ``.bin`` state dict (optionally wrapped in a dict under
-  ``"state_dict"`` or ``"model"``, optionally with DDP's ``module.`` prefix), loaded strictly. A checkpoint in a
-  model's original (non-timm) layout is accepted when timm's own conversion for that architecture
-  (``checkpoint_filter_fn``) makes it load strictly;
+  ``"state_dict"`` or ``"model"``, optionally with DDP's ``module.`` prefix), or a folder holding
+  ``model.safetensors`` (or ``pytorch_model.bin`` ...), loaded strictly. A checkpoint in a model's original
+  (non-timm) layout, or at another input size, is accepted when timm's own conversion for that architecture
+  (``checkpoint_filter_fn``, as timm applies to hub weights) makes it load strictly; ``info["weights_converted"]``
+  then says so;
 - ``"random"``: explicitly random initialisation (tests, baselines).
 
 Output (``output="auto"`` picks one, ``"head"`` or ``"pre_logits"`` forces it):
@@ -44,6 +46,9 @@ from artifacts import ArtifactError, sha256_file
 
 OUTPUT_KINDS = ("auto", "head", "pre_logits")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_FILE_NAMES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                     "open_clip_pytorch_model.bin")
+"""Weights files looked for, in this order, when ``weights`` is a folder."""
 DIGITS_CNN = "digits-cnn"
 _EMBEDDING_MARKERS = ("clip", "siglip")
 _CLASSIFIER_TAG_MARKERS = ("in1k", "in12k", "in21k", "in22k")
@@ -121,6 +126,7 @@ def load_backbone(
             "normalize": bool(normalize),
             "embedding_head": bool(embedding_head),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
+            "weights_converted": bool(getattr(model, "weights_converted", False)),
             "d": None,
         },
     )
@@ -199,6 +205,7 @@ def _timm_model(name: str, weights):
     import timm
 
     weights_str = str(weights)
+    converted = False
     if weights_str == "random":
         model = _create(name, pretrained=False)
         source, sha = "random", None
@@ -215,12 +222,13 @@ def _timm_model(name: str, weights):
             ) from e
         source, sha = _hub_source_and_sha(model.pretrained_cfg)
     else:
-        path = Path(weights_str).expanduser()
+        path = resolve_weights_path(weights_str)
         model = _create(name, pretrained=False)
-        _load_file_into(model, path)
+        converted = _load_file_into(model, path)
         source, sha = f"file:{path.resolve()}", sha256_file(path)
     transform, preprocessing = _timm_transform(model)
     embedding_head = is_embedding_head(name, getattr(model, "pretrained_cfg", None))
+    model.weights_converted = converted  # read back into info by load_backbone
     return model, transform, preprocessing, source, sha, embedding_head
 
 
@@ -311,14 +319,18 @@ def _listing(keys: list[str], n: int = 8) -> str:
     return "[" + ", ".join(keys[:n]) + "]" + more
 
 
-def _load_file_into(model: nn.Module, path: Path) -> None:
-    """Load a state dict file strictly; a mismatch names the file and the missing/unexpected keys."""
+def _load_file_into(model: nn.Module, path: Path) -> bool:
+    """Load a state dict file strictly; a mismatch names the file and the missing/unexpected keys.
+
+    Returns whether timm's conversion for the architecture was needed to make the file fit.
+    """
     state = read_state_dict(path)
     missing, unexpected, shapes = _mismatch(model, state)
+    converted = False
     if missing or unexpected or shapes:
-        converted = _timm_converted(model, state)
-        if converted is not None and not any(_mismatch(model, converted)):
-            state, missing, unexpected, shapes = converted, [], [], []
+        candidate = _timm_converted(model, state)
+        if candidate is not None and not any(_mismatch(model, candidate)):
+            state, missing, unexpected, shapes, converted = candidate, [], [], [], True
     if missing or unexpected or shapes:
         parts = [f"missing keys {_listing(missing)}" if missing else "",
                  f"unexpected keys {_listing(unexpected)}" if unexpected else "",
@@ -329,6 +341,20 @@ def _load_file_into(model: nn.Module, path: Path) -> None:
             + ". Check the model name (and its num_classes) against the checkpoint."
         )
     model.load_state_dict(state, strict=True)
+    return converted
+
+
+def resolve_weights_path(weights: str | os.PathLike) -> Path:
+    """A weights file, or the weights file inside a folder (a Hugging Face snapshot, an export directory)."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(
+            f"weights folder {path} holds none of {', '.join(WEIGHT_FILE_NAMES)}; pass the weights file itself"
+        )
+    return path
 
 
 def _timm_converted(model: nn.Module, state: dict) -> dict | None:

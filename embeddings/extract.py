@@ -386,22 +386,23 @@ def _extract(config: ExtractConfig, run: ExtractRun, ranks: _Ranks, t_start: flo
     plan = ChunkPlan(len(source), run.chunk_size)
     done = done_chunks(chunks_dir)
     todo = [c for c in plan.chunks_of_rank(ranks.rank, ranks.world_size) if c not in done]
-    n_rows_run = _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_dir, ranks.rank)
+    n_rows_run, waits = _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_dir, ranks.rank)
     t_computed = time.perf_counter()
 
     ranks.barrier()
     if ranks.rank == 0:
         _finish(config, run, source, info, plan, work_dir, digest, ranks, device,
-                timings={"load_s": t_loaded - t_start, "compute_s": t_computed - t_loaded},
+                timings={"load_s": t_loaded - t_start, "compute_s": t_computed - t_loaded, **waits},
                 n_rows_run=n_rows_run, t_start=t_start)
     ranks.barrier()
     return EmbeddingStore.open(out_dir)
 
 
-def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_dir, rank) -> int:
-    """Compute and write the chunks in ``todo``; returns how many input rows this process read."""
+def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_dir, rank) -> tuple[int, dict]:
+    """Compute and write the chunks in ``todo``; returns how many input rows this process read, and the
+    seconds spent waiting for decoded batches and in the forward pass (rank 0's view)."""
     if not todo:
-        return 0
+        return 0, {}
     from tqdm import tqdm
 
     batches = [b for c in todo for b in plan.batches(c, config.batch_size)]
@@ -433,8 +434,16 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if run.bf16 else contextlib.nullcontext()
     )
     bar = tqdm(total=n_rows, unit="img", desc="extract", disable=not run.progress or rank != 0, smoothing=0.1)
+    waits = {"data_wait_s": 0.0, "forward_s": 0.0}
+    batch_iter = iter(loader)
     with torch.inference_mode(), autocast:
-        for batch in loader:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batch_iter, None)
+            t1 = time.perf_counter()
+            waits["data_wait_s"] += t1 - t0
+            if batch is None:
+                break
             rows = batch["rows"].numpy()
             chunk = int(rows[0]) // plan.chunk_size
             acc = pending.setdefault(chunk, {"x": [], "ok": [], "reasons": [], "n": 0})
@@ -444,6 +453,7 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
                 feats = backbone.features(images).float().cpu().numpy().astype(out_dtype)
                 _check_finite(feats, [source.ids[r] for r in rows[ok]], config.dtype)
                 acc["x"].append(feats)
+                waits["forward_s"] += time.perf_counter() - t1
             acc["ok"].append(ok)
             acc["reasons"] += batch["reasons"]
             acc["n"] += len(rows)
@@ -456,7 +466,7 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
                     os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     assert not pending, f"chunks left incomplete: {sorted(pending)}"
-    return n_rows
+    return n_rows, waits
 
 
 def _check_finite(feats: np.ndarray, ids: list[str], dtype: str) -> None:

@@ -92,6 +92,42 @@ def test_local_file_round_trip_gives_the_same_features(tmp_path, reference, fmt)
     torch.testing.assert_close(b.features(x), _pre_logits(model, x), rtol=0, atol=0)
 
 
+def test_plain_files_are_not_marked_converted(tmp_path, reference):
+    _, state = reference
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    assert load_backbone(SMALL, weights=str(path)).info["weights_converted"] is False
+
+
+def test_a_weights_folder_loads_its_weights_file(tmp_path, reference):
+    model, state = reference
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file(state, str(folder / "model.safetensors"))
+    b = load_backbone(SMALL, weights=str(folder))
+    assert b.info["weights_source"] == f"file:{(folder / 'model.safetensors').resolve()}"
+    x = _batch(b)
+    torch.testing.assert_close(b.features(x), _pre_logits(model, x), rtol=0, atol=0)
+
+
+def test_a_folder_without_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="holds none of model.safetensors"):
+        load_backbone(SMALL, weights=str(tmp_path))
+
+
+def test_weights_at_another_input_size_load_through_timms_conversion(tmp_path):
+    """A ViT saved at 64 px has fewer position embeddings; timm's filter resamples them and info says so."""
+    other = timm.create_model("test_vit", pretrained=False, img_size=64)
+    path = tmp_path / "vit64.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    b = load_backbone("test_vit", weights=str(path))
+    assert b.info["weights_converted"] is True
+    assert b.model.pos_embed.shape[1] != other.pos_embed.shape[1]
+    torch.testing.assert_close(b.model.patch_embed.proj.weight, other.patch_embed.proj.weight, rtol=0, atol=0)
+
+
 def test_strict_load_names_the_file_and_the_keys(tmp_path, reference):
     _, state = reference
     name = sorted(state)[0]
