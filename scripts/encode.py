@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from analysis.stages import encode_store
 from artifacts import ArtifactError
-from embeddings.store import EmbeddingStore
-from sae.checkpoint import check_compatible, load_sae, sae_hash
-from sae.codes import encode_array
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,17 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing CODES_DIR")
     args = parser.parse_args(argv)
     try:
-        store = EmbeddingStore.open(args.store)
-        model = load_sae(args.sae, device=args.device)
-        check_compatible(model, store.d, f"store {args.store}")
-        parents = {
-            "sae_dir": str(args.sae),
-            "sae_hash": sae_hash(args.sae),
-            "store_dir": str(args.store),
-            "store_hash": store.content_hash,
-        }
-        codes = encode_array(
-            model, store.x, args.out, batch_size=args.batch_size, parents=parents, overwrite=args.overwrite
+        codes = encode_store(
+            args.store, args.sae, args.out, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite
         )
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
