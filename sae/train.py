@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from artifacts import ArtifactError, commit_dir, partial_dir
+from artifacts.ranks import Ranks, resolve_device
 from sae.batches import BatchStream, IterableStream, first_rows
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
@@ -276,53 +277,6 @@ def k_at(step: int, k: int, plan: TrainPlan) -> int:
     return int(round(plan.k_start + (k - plan.k_start) * t))
 
 
-# --------------------------------------------------------------------------------------------- distributed
-@dataclass
-class DistContext:
-    """Where this process sits in a data-parallel group (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def dist_from_env(device: str) -> DistContext:
-    """Join the torchrun group named by ``RANK``/``WORLD_SIZE`` (gloo on CPU, NCCL on CUDA), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    owns = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        owns = True
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
-
-
-def _device_for(device: str, ctx: DistContext) -> torch.device:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-        if ctx.world_size > 1 and device == "cuda":
-            return torch.device(f"cuda:{ctx.local_rank}")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------------------------- RNG state
 def _rng_state(device: torch.device) -> dict:
     """Torch, numpy and Python RNG states, as tensors and plain values (loadable with weights_only)."""
@@ -532,7 +486,7 @@ class _Data:
     def digest(self) -> str:
         return _rows_digest(self.rows, int(self.x.shape[0])) if self.is_array else "batch source"
 
-    def stream(self, batch_size: int, seed: int, ctx: DistContext):
+    def stream(self, batch_size: int, seed: int, ctx: Ranks):
         if self.is_array:
             return BatchStream(self.x, batch_size, rows=self.rows, seed=seed, rank=ctx.rank, world_size=ctx.world_size)
         return IterableStream(self.x)
@@ -625,9 +579,9 @@ def train_sae(
     ckpt_path = work_dir / CHECKPOINT_NAME
     if run.n_threads is not None:
         torch.set_num_threads(run.n_threads)
-    ctx = dist_from_env(run.device)
+    ctx = Ranks.from_env(run.device)
     try:
-        device = _device_for(run.device, ctx)
+        device = resolve_device(run.device, ctx)
         will_resume = _check_paths(out_dir, work_dir, resume, overwrite)
         ctx.barrier()  # every rank has looked before rank 0 changes anything
         if ctx.is_main:
@@ -645,7 +599,7 @@ def train_sae(
 
 def _train(
     data: _Data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
-    parent_store_hash, will_resume, overwrite, ctx: DistContext, device: torch.device,
+    parent_store_hash, will_resume, overwrite, ctx: Ranks, device: torch.device,
 ) -> TrainResult:
     d = data.d
     fingerprint = _jsonable(
