@@ -27,6 +27,13 @@ Output (``output="auto"`` picks one, ``"head"`` or ``"pre_logits"`` forces it):
 
 ``normalize=None`` L2-normalises the embeddings of image-text models (as the paper does for CLIP) and
 leaves the others as they are.
+
+Preprocessing comes in two equal forms. ``transform`` is the model's eval transform as timm (or the digits
+CNN) defines it: PIL image -> normalised float tensor, the plain reference. ``image_transform`` and
+``normalize_batch`` split it for throughput, as FFCV and DALI do: the per-image part (resize, crop) ends in an
+8-bit tensor, and the float conversion and normalisation run once per stacked batch, on the forward device.
+Per image this saves ToTensor and Normalize (about 0.7 of the 2.5 ms of CPU that a 256px JPEG took to become a
+224px input), and it moves 4x fewer bytes from workers and to a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import transforms
 
 from artifacts import ArtifactError, sha256_file
 
@@ -68,6 +76,32 @@ class Backbone:
     """PIL RGB image -> ``(C, H, W)`` float tensor: the model's eval preprocessing."""
     info: dict = field(default_factory=dict)
     """name, weights_source, weights_sha256, preprocessing, output_kind, normalize, d (and a few more)."""
+    image_transform: Callable[[Image.Image], torch.Tensor] = field(init=False, repr=False)
+    """PIL RGB image -> ``(C, H, W)`` uint8 tensor: ``transform`` without its final ToTensor and Normalize, which
+    ``normalize_batch`` applies to a stacked batch. Derived from ``transform`` (``split_transform``); when that
+    does not end in exactly (ToTensor, Normalize), it is ``transform`` itself and ``normalize_batch`` does
+    nothing."""
+
+    def __post_init__(self):
+        self.image_transform, self._scale, self._shift = split_transform(self.transform)
+        self._scale_shift_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normalize_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch ``(b, C, H, W)`` of stacked ``image_transform`` outputs -> the float32 batch ``transform``
+        would have given, on the batch's device, in the batch's memory format (channels-last stays so).
+
+        ToTensor's division by 255 and Normalize's ``(x - mean) / std`` are fused into one pass,
+        ``x * 1/(255 std) + (-mean/std)``; the result equals the reference up to float32 rounding (~1e-6).
+        """
+        if self._scale is None:
+            return batch  # image_transform is the whole transform
+        if batch.dtype != torch.uint8:
+            raise ValueError(f"normalize_batch takes stacked image_transform outputs (uint8), got {batch.dtype}")
+        if batch.device not in self._scale_shift_on:  # a small copy per device, not one per batch
+            self._scale_shift_on[batch.device] = (self._scale.to(batch.device), self._shift.to(batch.device))
+        scale, shift = self._scale_shift_on[batch.device]
+        # uint8 * float32 promotes to float32 within the same kernel: no separate conversion pass.
+        return torch.addcmul(shift, batch, scale)
 
     @property
     def d(self) -> int:
@@ -137,6 +171,38 @@ def load_backbone(
 def _architecture(model: nn.Module, name: str) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or name
+
+
+def split_transform(transform) -> tuple[Callable, torch.Tensor | None, torch.Tensor | None]:
+    """``transform`` as ``(image_transform, scale, shift)``: a per-image part ending in a uint8 tensor, and the
+    per-channel ``(1, C, 1, 1)`` float32 scale and shift that finish it (see ``Backbone.normalize_batch``).
+
+    Only a ``Compose`` whose last two steps are exactly ToTensor (or timm's MaybeToTensor) and Normalize is
+    split; the steps before them (resize, crop, greyscale) stay as they are. Anything else (another final step,
+    a subclass that might behave differently, a zero std that Normalize itself refuses) gives
+    ``(transform, None, None)``: the full float transform per image and no batch step, slower but the same.
+    """
+    steps = list(transform.transforms) if isinstance(transform, transforms.Compose) else []
+    if len(steps) < 2 or type(steps[-2]) not in _to_tensor_types() or type(steps[-1]) is not transforms.Normalize:
+        return transform, None, None
+    mean = torch.as_tensor(steps[-1].mean, dtype=torch.float64).reshape(-1)
+    std = torch.as_tensor(steps[-1].std, dtype=torch.float64).reshape(-1)
+    if (std.float() == 0).any():
+        return transform, None, None
+    # Computed in float64 and rounded once, so the fused step stays within float32 rounding of the reference.
+    scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1)
+    shift = (-mean / std).float().view(1, -1, 1, 1)
+    # PILToTensor returns a view of the pixels in Pillow's (H, W, C) order: ``extract`` stacks such views
+    # straight into a channels-last batch without transposing them.
+    return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), scale, shift
+
+
+def _to_tensor_types() -> tuple[type, ...]:
+    try:
+        from timm.data.transforms import MaybeToTensor
+    except ImportError:  # older timm: plain ToTensor only
+        return (transforms.ToTensor,)
+    return (transforms.ToTensor, MaybeToTensor)
 
 
 @torch.no_grad()

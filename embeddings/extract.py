@@ -2,7 +2,9 @@
 
 The work is cut into fixed chunks of input rows (``embeddings/chunks.py``). Each process (one, or N under
 ``torchrun``) computes its chunks with a DataLoader whose workers decode and transform images, and writes each
-chunk atomically into the store's partial directory. When every chunk exists, rank 0 assembles
+chunk atomically into the store's partial directory. The per-image work stops at 8-bit tensors (decode, resize,
+crop: ``Backbone.image_transform``); the float conversion and normalisation run once per batch on the forward
+device (``Backbone.normalize_batch``). When every chunk exists, rank 0 assembles
 ``embeddings.npy`` through a memory map, writes the other store files and renames the directory into place.
 
 Determinism: batches never cross chunks and always have the configured size, so a resumed run, or a run with
@@ -143,7 +145,8 @@ def default_num_workers() -> int:
 
 
 class _RowDataset(Dataset):
-    """Input row -> (row, image tensor or None, skip reason), run in DataLoader workers.
+    """Input row -> (row, transformed image (uint8 for a split transform) or None, skip reason), run in DataLoader
+    workers.
 
     A bad image is not an error here: the worker returns a skip marker so that one file cannot stop a run.
     """
@@ -164,13 +167,18 @@ class _RowDataset(Dataset):
 
 
 def _collate(items):
-    """Stack the good images of a batch; keep rows and skip reasons of all (no image for skipped rows)."""
+    """Stack the good images of a batch; keep rows and skip reasons of all (no image for skipped rows).
+
+    The batch is laid out channels-last, as the forward wants it. The ``(C, H, W)`` uint8 images are views of
+    Pillow's ``(H, W, C)`` pixels, so stacking them in that order is a plain copy and permuting the stack back to
+    ``(b, C, H, W)`` is free; a contiguous ``(C, H, W)`` image (the fallback float transform) is transposed here.
+    """
     good = [t for _, t, _ in items if t is not None]
     return {
         "rows": torch.tensor([r for r, _, _ in items], dtype=torch.int64),
         "ok": torch.tensor([t is not None for _, t, _ in items], dtype=torch.bool),
         "reasons": [why for _, _, why in items],
-        "images": torch.stack(good) if good else None,
+        "images": torch.stack([t.permute(1, 2, 0) for t in good]).permute(0, 3, 1, 2) if good else None,
     }
 
 
@@ -178,8 +186,9 @@ def _batches_in_process(dataset: _RowDataset, batches: list[list[int]], pin: boo
     """The batches decoded in this process, with one torch thread while decoding.
 
     DataLoader workers run with one thread each; in the main process the transform's small tensor operations
-    (to-tensor, normalise) would otherwise be split over every thread of the forward pass, and the
-    synchronisation costs far more than it saves (measured 40x slower per image on a busy 2-core machine).
+    (to-tensor, and normalise in the fallback float transform) would otherwise be split over every thread of the
+    forward pass, and the synchronisation costs far more than it saves (measured 40x slower per image on a busy
+    2-core machine).
     """
     for rows in batches:
         n_threads = torch.get_num_threads()
@@ -409,7 +418,7 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
     n_rows = sum(len(b) for b in batches)
     num_workers = default_num_workers() if run.num_workers is None else run.num_workers
     on_cuda = device.type == "cuda"
-    dataset = _RowDataset(source, backbone.transform)
+    dataset = _RowDataset(source, backbone.image_transform)
     if num_workers:
         loader = DataLoader(
             dataset,
@@ -449,7 +458,10 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
             acc = pending.setdefault(chunk, {"x": [], "ok": [], "reasons": [], "n": 0})
             ok = batch["ok"].numpy()
             if batch["images"] is not None:
+                # uint8 crosses to the device (4x fewer bytes than float) and is normalised there, in one batched
+                # pass. The collated batch is channels-last already; contiguous() only guards that.
                 images = batch["images"].to(device, non_blocking=on_cuda).contiguous(memory_format=torch.channels_last)
+                images = backbone.normalize_batch(images)
                 feats = backbone.features(images).float().cpu().numpy().astype(out_dtype)
                 _check_finite(feats, [source.ids[r] for r in rows[ok]], config.dtype)
                 acc["x"].append(feats)

@@ -1,5 +1,7 @@
 """Frozen timm backbones: weights from local files, random or the hub; preprocessing; output kinds."""
 
+import dataclasses
+
 import huggingface_hub.constants
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import timm.data
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision import transforms
 
 from artifacts import sha256_file
 from embeddings.backbone import WeightsError, is_embedding_head, load_backbone, read_state_dict
@@ -71,6 +74,50 @@ def test_transform_is_timms_eval_transform_of_the_model():
     assert pre["interpolation"] == cfg["interpolation"] and pre["crop_pct"] == cfg["crop_pct"]
     assert pre["mean"] == list(cfg["mean"]) and pre["std"] == list(cfg["std"]) and pre["crop_mode"] == "center"
     assert b.transform(_images(1)[0]).shape == (3, 160, 160)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_split_preprocessing_equals_the_transform(name):
+    """image_transform (uint8, per image) then normalize_batch (per batch) gives the reference's floats."""
+    b = load_backbone(name, weights="random")
+    images = _images(4)
+    parts = [b.image_transform(im) for im in images]
+    assert all(t.dtype == torch.uint8 and t.shape == (3, 160, 160) for t in parts)
+    x = b.normalize_batch(torch.stack(parts))
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x, _batch(b, 4), rtol=0, atol=1e-5)
+    # a channels-last batch, as extraction stacks it, keeps its layout and its values
+    cl = b.normalize_batch(torch.stack(parts).contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        b.normalize_batch(x)  # an already normalised batch must not be normalised twice
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: transforms.Compose(t.transforms[:-1]),  # no Normalize: floats in 0..1
+        lambda t: transforms.Compose([*t.transforms, transforms.Lambda(lambda x: x.flip(-1))]),  # a step after it
+        lambda t: (lambda im: t(im) * 2),  # not a Compose at all
+        lambda t: transforms.Compose([*t.transforms[:-1], transforms.Normalize([0.5] * 3, [0.0, 1.0, 1.0])]),
+    ],
+    ids=["no-normalize", "step-after-normalize", "function", "zero-std"],
+)
+def test_unusual_transforms_fall_back_to_the_full_transform(make):
+    b = load_backbone(SMALL, weights="random")
+    odd = dataclasses.replace(b, transform=make(b.transform))
+    assert odd.image_transform is odd.transform
+    im = _images(1)[0]
+    try:
+        expected = odd.transform(im)
+    except ValueError:  # Normalize refuses a zero std: the fallback keeps its error
+        with pytest.raises(ValueError, match="std"):
+            odd.image_transform(im)
+        return
+    batch = torch.stack([odd.image_transform(im)])
+    assert odd.normalize_batch(batch) is batch  # the identity: nothing left to do per batch
+    torch.testing.assert_close(batch[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "bin-wrapped"])

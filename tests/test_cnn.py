@@ -142,6 +142,17 @@ def test_save_load_round_trip_as_a_frozen_backbone(tmp_path, trained):
     save_cnn(model, out, overwrite=True)
 
 
+def test_split_preprocessing_equals_the_transform():
+    """The digits CNN's transform (greyscale, resize, to-tensor, normalise) splits like timm's."""
+    backbone = load_backbone("digits-cnn", weights="random")
+    source = DigitsSource()
+    images = [source.load(i) for i in range(8)]
+    parts = [backbone.image_transform(im) for im in images]
+    assert all(t.dtype == torch.uint8 and t.shape == (1, 32, 32) for t in parts)
+    x = backbone.normalize_batch(torch.stack(parts))
+    torch.testing.assert_close(x, torch.stack([backbone.transform(im) for im in images]), rtol=0, atol=1e-5)
+
+
 def test_loading_errors_say_what_to_run(tmp_path, trained):
     with pytest.raises(WeightsError, match="train_backbone.py"):
         load_backbone("digits-cnn", weights=str(tmp_path / "nothing"))

@@ -227,3 +227,26 @@ def test_image_folder_with_a_timm_model_and_requested_split(tmp_path):
     rows = np.concatenate([s.split[k] for k in ("train", "val", "test")])
     assert sorted(rows.tolist()) == list(range(10))
     assert s.meta["backbone"] == "test_resnet" and s.meta["weights_source"] is not None
+
+
+def test_a_transform_that_does_not_split_extracts_the_same(tmp_path, monkeypatch):
+    """The fallback (full float transform per image, no batch step) gives the split path's embeddings."""
+    import dataclasses
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(root / f"{i:02d}.jpg")
+    cfg = ExtractConfig(source=str(root), backbone="test_resnet", weights="random", batch_size=3)
+    split = extract(cfg, _run(tmp_path / "split", chunk_size=3))
+
+    real = extract_mod.load_backbone
+
+    def unsplittable(*a, **k):
+        b = real(*a, **k)
+        return dataclasses.replace(b, transform=lambda im, t=b.transform: t(im))  # not a Compose: no split
+
+    monkeypatch.setattr(extract_mod, "load_backbone", unsplittable)
+    whole = extract(cfg, _run(tmp_path / "whole", chunk_size=3, num_workers=1))
+    np.testing.assert_allclose(np.asarray(whole.x), np.asarray(split.x), rtol=1e-5, atol=1e-5)
