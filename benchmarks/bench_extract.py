@@ -14,14 +14,14 @@
 Overhead = pipeline time / bare forward time - 1. Target on CPU: <= 15%.
 
 Why it can be that low on 2 cores: the forward of a 224px CNN costs tens of milliseconds of CPU per image,
-decoding a 256px JPEG and resizing it under two milliseconds. The per-image work stops at 8-bit tensors; ToTensor and
-Normalize, which cost about 0.7 ms more per image when done one image at a time, run as one fused pass over
-each batch (about 0.1 ms per image). Whatever runs the decoding competes with the forward for the same
-cores, so the overhead is at best (decode CPU time) / (forward CPU time). Decode workers do not add cores; they
-only help when the forward leaves cores idle (GPUs, or many cores and a small model). On 2 cores a worker
-process that preempts one of the two OpenMP threads of the forward stalls the other at the next barrier, so
-``--num-workers 0`` (decode in the main process between batches, with all threads for the forward) is the
-default here; try ``--num-workers 1`` to see the difference on your machine.
+decoding a 256px JPEG and resizing it under two milliseconds. The per-image work stops at 8-bit tensors; ToTensor
+and Normalize, which cost about 0.7 ms more per image when done one image at a time, run as one fused pass over
+each batch (about 0.1 ms per image). Whatever runs the decoding competes with the forward for the same cores, so
+the overhead is at best (decode CPU time) / (forward CPU time). Decode workers do not add cores; they only help
+when the forward leaves cores idle (GPUs, or many cores and a small model). On 2 cores a worker process that
+preempts one of the two OpenMP threads of the forward stalls the other at the next barrier, so the toolkit's
+default there (``--num-workers`` unset: ``embeddings.extract.default_num_workers``) is 0: decode in the main
+process between batches, on one thread per core. Try ``--num-workers 1`` to see the difference on your machine.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from embeddings.backbone import load_backbone
-from embeddings.extract import ExtractConfig, ExtractRun, extract
+from embeddings.extract import ExtractConfig, ExtractRun, default_num_workers, extract
 from embeddings.sources import open_source
 
 
@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--model", default="resnet18", help="timm model name (random weights)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decode worker processes (default: the toolkit's default for this machine and device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
@@ -95,6 +96,8 @@ def main(argv=None) -> None:
     n_threads = args.threads or n_cpu
     torch.set_num_threads(n_threads)
     device = torch.device(args.device)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device.type)
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     images_dir = Path(args.images_dir) if args.images_dir else tmp / "images"
     if not (images_dir.is_dir() and len(list(images_dir.glob("*.jpg"))) >= args.n_images):

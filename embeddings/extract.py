@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +110,8 @@ class ExtractRun:
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present) (--device)."""
     num_workers: int | None = None
-    """DataLoader worker processes that decode and transform images; ``None`` picks from the CPU count
-    (--num-workers)."""
+    """DataLoader worker processes that decode and transform images (0: in this process, on threads); ``None``
+    picks from the CPU count and the device (``default_num_workers``) (--num-workers)."""
     bf16: bool = False
     """Run the forward under bf16 autocast (changes the numbers, so resumes must match it) (--bf16)."""
     chunk_size: int = 1024
@@ -134,11 +135,19 @@ class ExtractRun:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-def default_num_workers() -> int:
-    """Decode workers: leave the forward pass most of the cores. Decoding a JPEG and resizing it costs a few
-    milliseconds, a CNN forward tens, so one worker per ~4 cores keeps the model fed without stealing much."""
+def default_num_workers(device_type: str) -> int:
+    """Decode worker processes, 0 meaning decode in this process between forward passes (on threads).
+
+    On CUDA the forward leaves the CPU free, so workers decode while the GPU computes: most of the cores. On
+    CPU the forward and the decoding share the cores. A JPEG decode and resize costs a few milliseconds, a CNN
+    forward tens, so one worker per ~4 cores keeps the model fed without stealing much; on 4 cores or fewer a
+    worker process preempts threads of the forward and stalls it at its next barrier, and decoding in this
+    process between batches is faster (``benchmarks/bench_extract.py --num-workers``).
+    """
     n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n_cpu // 4)) if n_cpu > 2 else 1
+    if device_type == "cuda":
+        return max(1, min(16, n_cpu - 1))
+    return min(8, n_cpu // 4) if n_cpu > 4 else 0
 
 
 # ----------------------------------------------------------------------------------------------- data loading
@@ -183,23 +192,26 @@ def _collate(items):
 
 
 def _batches_in_process(dataset: _RowDataset, batches: list[list[int]], pin: bool):
-    """The batches decoded in this process, with one torch thread while decoding.
+    """The batches decoded in this process, between forward passes, on as many threads as the forward uses.
 
-    DataLoader workers run with one thread each; in the main process the transform's small tensor operations
-    (to-tensor, and normalise in the fallback float transform) would otherwise be split over every thread of the
-    forward pass, and the synchronisation costs far more than it saves (measured 40x slower per image on a busy
-    2-core machine).
+    Without worker processes the cores would sit idle while one thread decodes; Pillow's decoders and resizes
+    release the GIL, so a thread per core decodes a batch about that many times faster. ``map`` keeps the row
+    order, so the batches are the same as with one thread. Torch runs one intra-op thread meanwhile: the
+    transform's small tensor operations would otherwise be split over every thread of the forward pass, and the
+    synchronisation costs far more than it saves (measured 40x slower per image on a busy 2-core machine).
     """
-    for rows in batches:
-        n_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            batch = _collate([dataset[r] for r in rows])
-        finally:
-            torch.set_num_threads(n_threads)
-        if pin and batch["images"] is not None:
-            batch["images"] = batch["images"].pin_memory()
-        yield batch
+    n_decode = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=n_decode, thread_name_prefix="decode") as pool:
+        for rows in batches:
+            n_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                batch = _collate(list(pool.map(dataset.__getitem__, rows)))
+            finally:
+                torch.set_num_threads(n_threads)
+            if pin and batch["images"] is not None:
+                batch["images"] = batch["images"].pin_memory()
+            yield batch
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -416,7 +428,7 @@ def _compute_chunks(config, run, source, backbone, device, plan, todo, chunks_di
 
     batches = [b for c in todo for b in plan.batches(c, config.batch_size)]
     n_rows = sum(len(b) for b in batches)
-    num_workers = default_num_workers() if run.num_workers is None else run.num_workers
+    num_workers = default_num_workers(device.type) if run.num_workers is None else run.num_workers
     on_cuda = device.type == "cuda"
     dataset = _RowDataset(source, backbone.image_transform)
     if num_workers:

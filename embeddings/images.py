@@ -18,7 +18,7 @@ Conversions (decisions where formats leave a choice):
   those of the usual pipelines; multi-frame files give their first frame.
 
 Decompression bombs: Pillow refuses images larger than ``2 * Image.MAX_IMAGE_PIXELS`` and warns above
-``Image.MAX_IMAGE_PIXELS``; here the warning is an error too, so the limit is
+``Image.MAX_IMAGE_PIXELS``; here the header's size is checked before decoding, so the limit is
 ``Image.MAX_IMAGE_PIXELS`` (Pillow's default, about 89 million pixels) or the ``max_pixels`` argument.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +90,10 @@ def _load_rgb(path: str | os.PathLike, max_pixels: int | None) -> Image.Image:
     limit = _pixel_limit(max_pixels)
     size = None
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; here the warning is fatal.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open(path, "rb") as f:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the size check below makes it fatal.
+            # (Not by turning the warning into an error: warning filters are process-wide, and images are
+            # decoded on several threads at once.)
             img = Image.open(f)
             size = img.size
             if limit is not None and limit > 0 and size[0] * size[1] > limit:

@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=None, help="share of each label held out as test")
     p.add_argument("--out", required=True, help="store directory to write")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--num-workers", type=int, default=None, help="decode worker processes (default: from CPU count)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decode worker processes; 0: decode in this process on threads (default: from CPUs and device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per resumable chunk (a multiple of --batch-size)")

@@ -250,3 +250,35 @@ def test_a_transform_that_does_not_split_extracts_the_same(tmp_path, monkeypatch
     monkeypatch.setattr(extract_mod, "load_backbone", unsplittable)
     whole = extract(cfg, _run(tmp_path / "whole", chunk_size=3, num_workers=1))
     np.testing.assert_allclose(np.asarray(whole.x), np.asarray(split.x), rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_on_threads_gives_the_batches_of_one_thread(tmp_path):
+    """In-process decoding runs on a thread per torch thread; order, pixels and skip reasons must not change."""
+    import torch
+
+    from embeddings.backbone import load_backbone
+
+    root = tmp_path / "images"
+    _bad_zoo_folder(root)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 41, 3), dtype=np.uint8)).save(root / "cat" / f"r{i:02d}.jpg")
+    source = open_source(str(root))
+    dataset = extract_mod._RowDataset(source, load_backbone("test_resnet", weights="random").image_transform)
+    batches = [list(range(i, min(i + 5, len(source)))) for i in range(0, len(source), 5)]
+    sequential = [extract_mod._collate([dataset[r] for r in rows]) for rows in batches]
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        threaded = list(extract_mod._batches_in_process(dataset, batches, pin=False))
+    finally:
+        torch.set_num_threads(n_threads)
+    assert torch.get_num_threads() == n_threads
+    assert len(threaded) == len(sequential)
+    for a, b in zip(threaded, sequential):
+        assert a["rows"].tolist() == b["rows"].tolist() and a["reasons"] == b["reasons"]
+        assert a["ok"].tolist() == b["ok"].tolist()
+        assert (a["images"] is None) == (b["images"] is None)
+        if a["images"] is not None:
+            assert a["images"].dtype == torch.uint8 and torch.equal(a["images"], b["images"])
+    assert any(r for batch in threaded for r in batch["reasons"])  # the zoo's bad files were in there
