@@ -35,12 +35,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from artifacts import SCHEMA_VERSION, ArtifactError, commit_dir, partial_dir, read_json
+from artifacts.ranks import Ranks, resolve_device
 from embeddings.backbone import load_backbone
 from embeddings.chunks import (
     CHUNKS_DIRNAME,
     ChunkPlan,
     assemble,
-    chunk_path,
     claim_partial,
     done_chunks,
     fingerprint_digest,
@@ -214,61 +214,6 @@ def _batches_in_process(dataset: _RowDataset, batches: list[list[int]], pin: boo
             yield batch
 
 
-# ----------------------------------------------------------------------------------------------- processes
-
-
-@dataclass
-class _Ranks:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @classmethod
-    def from_env(cls, device_type: str) -> "_Ranks":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        owns = False
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-            owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-
-    def broadcast_int(self, value: int, device: torch.device) -> int:
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=0)
-        return int(t.item())
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------------------------- fingerprint
 
 
@@ -335,8 +280,7 @@ def extract(config: ExtractConfig, run: ExtractRun) -> EmbeddingStore:
             f"every run feeds the model the same batches"
         )
     t_start = time.perf_counter()
-    requested_type = "cuda" if run.device.startswith("cuda") or (run.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ranks = _Ranks.from_env(requested_type)
+    ranks = Ranks.from_env(run.device)
     n_threads_before = torch.get_num_threads()
     try:
         return _extract(config, run, ranks, t_start)
@@ -345,8 +289,8 @@ def extract(config: ExtractConfig, run: ExtractRun) -> EmbeddingStore:
         ranks.close()
 
 
-def _extract(config: ExtractConfig, run: ExtractRun, ranks: _Ranks, t_start: float) -> EmbeddingStore:
-    device = _resolve_device(run.device, ranks.local_rank)
+def _extract(config: ExtractConfig, run: ExtractRun, ranks: Ranks, t_start: float) -> EmbeddingStore:
+    device = resolve_device(run.device, ranks)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if run.n_threads is not None:

@@ -18,13 +18,7 @@ from embeddings.backbone import WeightsError, is_embedding_head, load_backbone, 
 SMALL = "test_resnet"  # one of timm's tiny test models: fast on CPU
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores extra threads only spin.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=3, seed=0):

@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = CNNTrainConfig(epochs=1, batch_size=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores extra threads only spin.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

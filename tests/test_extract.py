@@ -12,7 +12,7 @@ import embeddings.extract as extract_mod
 from artifacts import ArtifactError, partial_dir
 from embeddings.extract import ExtractConfig, ExtractError, ExtractRun, extract
 from embeddings.sources import open_source
-from embeddings.store import STORE_FILES, EmbeddingStore
+from embeddings.store import STORE_FILES
 
 DIGITS = dict(source="digits", backbone="digits-cnn", weights="random", batch_size=64)
 
