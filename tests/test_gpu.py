@@ -74,3 +74,31 @@ def test_bf16_autocast_step_on_cuda_is_close_to_fp32():
         out16 = model(x)
     assert torch.isfinite(out16.loss)
     assert abs(out16.loss.float().item() - out32.loss.item()) < 0.05 * out32.loss.item()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_extraction_on_cuda_matches_cpu(tmp_path, num_workers):
+    """Uint8 batches go to the GPU (pinned), are normalised there, and give the CPU run's embeddings."""
+    from PIL import Image
+
+    from embeddings.extract import ExtractConfig, ExtractRun, extract
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (48 + i, 64, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    cfg = ExtractConfig(source=str(root), backbone="test_resnet", weights="random", batch_size=4)
+    stores = {}
+    for device in ("cpu", "cuda"):
+        run = ExtractRun(out_dir=tmp_path / device, device=device, num_workers=num_workers, chunk_size=8,
+                         progress=False)
+        stores[device] = extract(cfg, run)
+    assert stores["cuda"].ids == stores["cpu"].ids and len(stores["cuda"].skipped) == 1
+    assert stores["cuda"].meta["device"].startswith("cuda")
+    a, b = np.asarray(stores["cuda"].x, dtype=np.float64), np.asarray(stores["cpu"].x, dtype=np.float64)
+    # cuDNN may run convolutions in TF32: compare directions and norms, not bits
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.999, cos
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1), rtol=1e-2)
