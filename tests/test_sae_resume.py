@@ -77,6 +77,21 @@ def test_sigkill_then_resume_is_bitwise_identical(store, reference, tmp_path, ki
     assert not partial_dir(out).exists()
 
 
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(store, reference, tmp_path):
+    """A kill inside ``torch.save`` leaves a truncated temporary file beside the last complete checkpoint (the
+    write goes to a temporary sibling, then a rename); resume must use the checkpoint and ignore the debris."""
+    out = tmp_path / "sae"
+    assert run(common(store, out), kill_after=47).returncode == -signal.SIGKILL
+    work = partial_dir(out)
+    complete = (work / CHECKPOINT_NAME).read_bytes()
+    debris = work / f".{CHECKPOINT_NAME}.tmp-999999"
+    debris.write_bytes(complete[: len(complete) // 3])  # the next checkpoint, cut off mid-write
+    resumed = run(common(store, out) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(reference, out)
+    assert not work.exists() and not any(".tmp-" in p.name for p in out.iterdir())
+
+
 @pytest.mark.slow
 def test_paper_variant_with_dropout_resumes_bitwise(store, tmp_path):
     """The paper variant draws dropout masks: the torch RNG state must travel with the checkpoint."""
