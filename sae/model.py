@@ -45,6 +45,31 @@ class SAEOutput:
 CPU_BLOCK_ROWS = 1024
 """Rows per block of the CPU encoder matmul + top-k: large enough to keep the number of parallel regions low."""
 
+TOPK_GROUP = 16
+"""Columns per group of the CPU two-stage top-k (``topk_indices``); 16 measured best for n=4096, k=16."""
+
+
+def topk_indices(pre: Tensor, k: int) -> Tensor:
+    """``torch.topk(pre, k, dim=1, sorted=True).indices`` of ``pre (b, n)``, in two cheaper stages on CPU.
+
+    Column ``c`` belongs to group ``c mod G`` (``G = n / TOPK_GROUP``). Every one of the k largest entries lies
+    in one of the k groups with the largest maxima (a group whose maximum ranks below k has k larger entries
+    elsewhere), so top-k over the ``G`` group maxima, then top-k over those groups' ``k * TOPK_GROUP``
+    columns, gives the same values as one top-k over all ``n`` columns (indices may differ only among ties,
+    which ``torch.topk`` leaves unspecified too). The strided grouping makes the group maximum a reduction
+    along contiguous rows, which vectorises; torch's CPU top-k costs per element, and this reads each
+    element once instead: 4.7 ms against 7.5-9 ms per (1024, 4096) block with k=16, measured.
+    """
+    b, n = pre.shape
+    s = TOPK_GROUP
+    if pre.device.type != "cpu" or n % s or 4 * k * s > n:
+        return torch.topk(pre, k, dim=1, sorted=True).indices
+    g = n // s
+    _, groups = torch.topk(pre.reshape(b, s, g).amax(1), k, dim=1, sorted=False)  # (b, k) of the g groups
+    cand = (groups.unsqueeze(2) + torch.arange(0, n, g, device=pre.device)).view(b, k * s)
+    _, pick = torch.topk(pre.gather(1, cand), k, dim=1, sorted=True)
+    return cand.gather(1, pick)
+
 
 @dataclass
 class _Selection:
@@ -152,7 +177,7 @@ class TopKSAE(nn.Module):
                 stop = min(start + block, b)
                 raw = matmul(slice(start, stop))
                 pre = raw if scale is None else raw * scale[start:stop]
-                _, idx = torch.topk(pre, k, dim=1, sorted=True)
+                idx = topk_indices(pre, k)
                 dead_raw = raw.index_select(1, dead_cols) if dead_cols is not None else None
                 parts.append((idx, raw.gather(1, idx), dead_raw))
             cat = (lambda i: torch.cat([p[i] for p in parts])) if len(parts) > 1 else (lambda i: parts[0][i])
@@ -258,15 +283,22 @@ class TopKSAE(nn.Module):
         with torch.no_grad():
             # A 0/1 mask of each row's k_aux largest: dense (b, n_dead) ops then replace gather/scatter, and
             # when k_aux is more than half the dead latents it is cheaper to drop the smallest instead.
+            # Only rows with more than k_aux positive pre-activations need it: elsewhere the k_aux largest
+            # include every positive entry and the ReLU zeroes the rest. Dead latents seldom fire, so these
+            # rows are few (none in the benchmark, where about half are positive): counting them (1 ms)
+            # replaces a top-k over all rows (10 ms at b=4096 with 450 dead latents, measured).
             dp = dead_pre.detach()
-            if k_aux == n_dead:
-                mask = None
-            elif 2 * k_aux > n_dead:
-                _, drop = torch.topk(dp, n_dead - k_aux, dim=1, largest=False, sorted=False)
-                mask = torch.ones_like(dp).scatter_(1, drop, 0.0)
-            else:
-                _, keep = torch.topk(dp, k_aux, dim=1, sorted=False)
-                mask = torch.zeros_like(dp).scatter_(1, keep, 1.0)
+            mask = None
+            rows = torch.nonzero((dp > 0).sum(1) > k_aux).squeeze(1) if k_aux < n_dead else dp.new_empty(0)
+            if rows.numel():
+                sub = dp.index_select(0, rows)
+                if 2 * k_aux > n_dead:
+                    _, drop = torch.topk(sub, n_dead - k_aux, dim=1, largest=False, sorted=False)
+                    sub_mask = torch.ones_like(sub).scatter_(1, drop, 0.0)
+                else:
+                    _, keep = torch.topk(sub, k_aux, dim=1, sorted=False)
+                    sub_mask = torch.zeros_like(sub).scatter_(1, keep, 1.0)
+                mask = torch.ones_like(dp).index_copy_(0, rows, sub_mask)
         code = F.relu(dead_pre) if mask is None else F.relu(dead_pre) * mask
         residual_hat = code @ self.W_dec[dead_cols]
         residual = (x - recon).detach()

@@ -45,7 +45,10 @@ class SparsePattern:
             flat = self.indices.reshape(-1)
             if flat.device.type == "cpu":
                 lat = flat.numpy()
-                order_np = np.argsort(lat.astype(np.int32) if n < 2**31 else lat, kind="stable")
+                # numpy's stable sort is a radix sort for 16-bit keys and a merge sort for wider ones:
+                # 0.4-0.8 ms against 5-7 ms measured for 65536 keys (b=4096, k=16).
+                key_dtype = np.uint16 if n <= 2**16 else np.int32 if n < 2**31 else lat.dtype
+                order_np = np.argsort(lat.astype(key_dtype), kind="stable")
                 order = torch.from_numpy(order_np)
                 col = torch.from_numpy(order_np // m)
                 crow = torch.from_numpy(np.searchsorted(lat[order_np], np.arange(n + 1)))

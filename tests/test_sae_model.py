@@ -299,3 +299,49 @@ def test_column_pre_gradients_including_input():
     torch.testing.assert_close(out_s, out_d)
     for g_s, g_d in zip(grads_s, grads_d):
         torch.testing.assert_close(g_s, g_d)
+
+
+@SETTINGS
+@given(st.integers(1, 8), st.sampled_from([64, 256, 1024]), st.integers(1, 9), st.integers(0, 2**16))
+def test_two_stage_topk_equals_torch_topk(k, n, b, seed):
+    """The CPU two-stage top-k returns the values of torch.topk, also with ties and repeated values."""
+    from sae.model import topk_indices
+
+    gen = torch.Generator().manual_seed(seed)
+    pre = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    if seed % 3 == 0:
+        pre = pre.round()  # many ties
+    if seed % 3 == 1:
+        pre = pre.clamp_max(0.0)  # most of each row ties at zero, as after a ReLU
+    expected_values, expected = torch.topk(pre, k, dim=1, sorted=True)
+    idx = topk_indices(pre, k)
+    torch.testing.assert_close(pre.gather(1, idx), expected_values, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == k for row in idx)
+    if seed % 3 == 2:  # no ties: the very same indices
+        assert torch.equal(idx, expected)
+
+
+@pytest.mark.parametrize("variant", ["topk", "topk-dropout"])
+@pytest.mark.parametrize("dead_bias", [-1.0, 0.0, 1.0])
+@pytest.mark.parametrize("auxk_k", [10, 30])  # keep the k_aux largest, or drop the smallest (2 k_aux > n_dead)
+def test_wide_model_equals_dense_twin(monkeypatch, variant, dead_bias, auxk_k):
+    """Shapes where the two-stage top-k runs, with AuxK rows above and below k_aux positive dead latents."""
+    import sae.model
+
+    monkeypatch.setattr(sae.model, "CPU_BLOCK_ROWS", 16)
+    extra = {"dropout": 0.3} if variant == "topk-dropout" else {}
+    config = SAEConfig(8, 256, 4, auxk_k=auxk_k, **extra)
+    fast, dense = make_pair(config, 7)
+    dead = torch.rand(256) < 0.15
+    with torch.no_grad():  # shift the dead latents so that few, about half, or most of them fire
+        for model in (fast, dense):
+            model.b_enc[dead] += dead_bias
+    x = torch.randn(40, 8, dtype=torch.float64)
+    out_f, grads_f = run(fast, x, 3, dead_mask=dead)
+    out_d, grads_d = run(dense, x, 3, dead_mask=dead)
+    torch.testing.assert_close(out_f.values, out_d.values)
+    torch.testing.assert_close(out_f.indices, out_d.indices)
+    torch.testing.assert_close(out_f.loss, out_d.loss)
+    assert out_f.aux.item() > 0
+    for name in grads_d:
+        torch.testing.assert_close(grads_f[name], grads_d[name], rtol=1e-7, atol=1e-9, msg=name)
