@@ -345,3 +345,18 @@ def test_wide_model_equals_dense_twin(monkeypatch, variant, dead_bias, auxk_k):
     assert out_f.aux.item() > 0
     for name in grads_d:
         torch.testing.assert_close(grads_f[name], grads_d[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_blocked_selection_under_autocast_matches_one_block(monkeypatch):
+    """Under autocast the blocked CPU encoder keeps the autocast matmul (no float32 out= buffer)."""
+    import sae.model
+
+    model = TopKSAE(SAEConfig(16, 64, 4))
+    x = torch.randn(40, 16)
+    dead = torch.rand(64) < 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = model(x, dead_mask=dead)
+        monkeypatch.setattr(sae.model, "CPU_BLOCK_ROWS", 8)
+        blocked = model(x, dead_mask=dead)
+    assert torch.equal(one.indices, blocked.indices)
+    torch.testing.assert_close(one.loss, blocked.loss, rtol=0, atol=0)
