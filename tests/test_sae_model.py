@@ -360,3 +360,16 @@ def test_blocked_selection_under_autocast_matches_one_block(monkeypatch):
         blocked = model(x, dead_mask=dead)
     assert torch.equal(one.indices, blocked.indices)
     torch.testing.assert_close(one.loss, blocked.loss, rtol=0, atol=0)
+
+
+def test_remove_parallel_grad_projects_out_each_row():
+    """The projection g - (g.w / w.w) w, also for rows that are not unit norm."""
+    model = TopKSAE(SAEConfig(6, 20, 3)).double()
+    with torch.no_grad():
+        model.W_dec.mul_(torch.rand(20, 1, dtype=torch.float64) + 0.5)
+    g = torch.randn(20, 6, dtype=torch.float64)
+    model.W_dec.grad = g.clone()
+    model.remove_parallel_grad_()
+    w = model.W_dec.detach()
+    expected = g - ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)) * w
+    torch.testing.assert_close(model.W_dec.grad, expected)
