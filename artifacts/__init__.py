@@ -9,6 +9,7 @@ final name. This package imports nothing else of the project.
 from artifacts.io import (
     SCHEMA_VERSION,
     ArtifactError,
+    atomic_file,
     commit_dir,
     package_version,
     partial_dir,
@@ -21,6 +22,7 @@ from artifacts.io import (
 __all__ = [
     "SCHEMA_VERSION",
     "ArtifactError",
+    "atomic_file",
     "commit_dir",
     "package_version",
     "partial_dir",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically: a temporary sibling, fsync, then rename."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Write ``path`` atomically: yield a temporary sibling ``.NAME.tmp-PID`` open in ``mode``, then fsync it and
+    rename it into place. A crash leaves the previous ``path`` (or none) and at most a temporary leftover, never
+    a half-written ``path``; an exception removes the temporary."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically: a temporary sibling, fsync, then rename."""
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -69,13 +83,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write one ``.npy`` file atomically (never pickled)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

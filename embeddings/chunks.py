@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from artifacts import ArtifactError, read_json, write_json
+from artifacts import ArtifactError, atomic_file, read_json, write_json
 
 CHUNKS_DIRNAME = "chunks"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -72,14 +72,10 @@ def write_chunk(chunks_dir: str | os.PathLike, chunk: int, x: np.ndarray, ok: np
     ok = np.asarray(ok, dtype=bool)
     assert x.ndim == 2 and x.shape[0] == int(ok.sum()) and len(reasons) == ok.shape[0]
     path = chunk_path(chunks_dir, chunk)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # A fixed-width unicode array (never an object array), so that loading needs no pickle.
     reasons_arr = np.asarray(list(reasons), dtype=f"<U{max([1, *map(len, reasons)])}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.savez(f, x=np.ascontiguousarray(x), ok=ok, reasons=reasons_arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
+    atomic_file,
     commit_dir,
     package_version,
     partial_dir,
@@ -160,9 +161,8 @@ def finish_store(
     write_npy(work_dir / "labels.npy", labels)
     write_json(work_dir / "ids.json", list(ids))
     write_json(work_dir / "classes.json", list(classes))
-    split_tmp = work_dir / ".split.tmp.npz"
-    np.savez(split_tmp, **split)
-    os.replace(split_tmp, work_dir / "split.npz")
+    with atomic_file(work_dir / "split.npz") as f:
+        np.savez(f, **split)
     write_json(work_dir / "skipped.json", list(skipped))
     write_json(work_dir / "config.json", config)
     meta = {

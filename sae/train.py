@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from artifacts import ArtifactError, commit_dir, partial_dir
+from artifacts import ArtifactError, atomic_file, commit_dir, partial_dir
 from artifacts.ranks import Ranks, resolve_device
 from sae.batches import BatchStream, IterableStream, first_rows
 from sae.config import SAEConfig
@@ -319,12 +319,8 @@ def _seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------- checkpoints
 def _save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temporary sibling, fsync, rename: a crash leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

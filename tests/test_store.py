@@ -151,3 +151,20 @@ def test_claim_partial_resumes_same_and_refuses_different(tmp_path):
         claim_partial(work, {"a": 1, "b": {"c": 3}}, restart=False)
     assert claim_partial(work, {"a": 1, "b": {"c": 3}}, restart=True) is False
     assert not (work / "chunks" / "chunk-000000.npz").exists()
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from artifacts import atomic_file
+
+    path = tmp_path / "a.bin"
+    with atomic_file(path) as f:
+        f.write(b"first")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as f:
+            f.write(b"half of the sec")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # the temporary went with the exception
+    with atomic_file(path, "w") as f:
+        f.write("second")
+    assert path.read_text() == "second"
