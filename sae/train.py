@@ -390,17 +390,20 @@ class TrainResult:
     """Step the run continued from (0 for a fresh run)."""
 
 
-def _initial_sample(x: np.ndarray, rows: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
-    """A seeded sample of training rows (read in ascending order), float32."""
-    n = rows.size
-    if n > n_samples:
-        pick = np.sort(np.random.default_rng([seed, 0xB1A5]).choice(n, size=n_samples, replace=False))
-        rows = rows[pick]
-    sample = np.asarray(x[rows], dtype=np.float32)
-    if not np.isfinite(sample).all():
-        bad = rows[~np.isfinite(sample).all(axis=1)]
-        raise ValueError(f"training data holds NaN or Inf in rows {bad[:10].tolist()}; fix or re-extract the embeddings")
-    return sample
+def _read_sample(x: np.ndarray, rows: np.ndarray, max_rows: int, seed: int, salt: int, what: str) -> np.ndarray:
+    """``x[rows]`` as float32, or a seeded sample of ``max_rows`` of them (read in ascending order); NaN or Inf
+    is an error naming the rows. ``salt`` keeps the samples drawn for different purposes independent."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size > max_rows:
+        rows = rows[np.sort(np.random.default_rng([seed, salt]).choice(rows.size, size=max_rows, replace=False))]
+    out = np.asarray(x[rows], dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = rows[~np.isfinite(out).all(axis=1)]
+        raise ValueError(f"{what} holds NaN or Inf in rows {bad[:10].tolist()}; fix or re-extract the embeddings")
+    return out
+
+
+_INIT_SALT, _HELDOUT_SALT = 0xB1A5, 0xE7A1
 
 
 SMALL_DATA_ELEMENTS = 1 << 26
@@ -489,7 +492,7 @@ class _Data:
 
     def init_sample(self, n_samples: int, seed: int) -> np.ndarray:
         if self.is_array:
-            return _initial_sample(self.x, self.rows, n_samples, seed)
+            return _read_sample(self.x, self.rows, n_samples, seed, _INIT_SALT, "training data")
         return first_rows(self.x, n_samples)
 
     def heldout_sample(self, max_rows: int, seed: int) -> np.ndarray | None:
@@ -497,12 +500,9 @@ class _Data:
             held = np.asarray(self.heldout, dtype=np.float32)
             if held.ndim != 2 or held.shape[1] != self.d:
                 raise ValueError(f"held-out data must be (m, {self.d}), got shape {held.shape}")
-            if held.shape[0] > max_rows:
-                pick = np.sort(np.random.default_rng([seed, 0xE7A1]).choice(held.shape[0], max_rows, replace=False))
-                held = held[pick]
-            return held
+            return _read_sample(held, np.arange(held.shape[0]), max_rows, seed, _HELDOUT_SALT, "held-out data")
         if self.heldout_rows is not None and len(self.heldout_rows) > 0 and self.is_array:
-            return _heldout_sample(self.x, self.heldout_rows, max_rows, seed)
+            return _read_sample(self.x, self.heldout_rows, max_rows, seed, _HELDOUT_SALT, "held-out data")
         return None
 
 
@@ -787,17 +787,6 @@ def _train(
     return TrainResult(
         out_dir=out_dir, metrics=metrics, history=history, val_history=val_history, resumed_from_step=resumed_from
     )
-
-
-def _heldout_sample(x: np.ndarray, heldout_rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    rows = np.asarray(heldout_rows, dtype=np.int64)
-    if rows.size > max_rows:
-        rows = np.sort(np.random.default_rng([seed, 0xE7A1]).choice(rows, size=max_rows, replace=False))
-    out = np.asarray(x[rows], dtype=np.float32)
-    if not np.isfinite(out).all():
-        bad = rows[~np.isfinite(out).all(axis=1)]
-        raise ValueError(f"held-out data holds NaN or Inf in rows {bad[:10].tolist()}; fix or re-extract the embeddings")
-    return out
 
 
 def _finish(
