@@ -46,7 +46,7 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def make_adam(params, device):
+def make_adam(params):
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=1e-4, fused=True)
@@ -59,7 +59,7 @@ def our_step_factory(args, x, dead, x_var, device, bf16=False, dense=False):
     config = SAEConfig(args.d, args.n_latents, args.k)
     cls = DenseTopKSAE if dense else TopKSAE
     model = cls(config).to(device)
-    opt = make_adam(model.parameters(), device)
+    opt = make_adam(model.parameters())
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def sparsify_step_factory(args, x, dead, x_var, device):
     from sparsify import SparseCoder, SparseCoderConfig
 
     model = SparseCoder(args.d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device=device)
-    opt = make_adam(model.parameters(), device)
+    opt = make_adam(model.parameters())
     total_variance = x_var * x.shape[0]
 
     def step():
@@ -99,7 +99,7 @@ def overcomplete_step_factory(args, x, dead, x_var, device):
     from overcomplete.sae.losses import top_k_auxiliary_loss
 
     model = OTopKSAE(args.d, nb_concepts=args.n_latents, top_k=args.k, device=str(device))
-    opt = make_adam(model.parameters(), device)
+    opt = make_adam(model.parameters())
 
     def step():
         opt.zero_grad(set_to_none=True)

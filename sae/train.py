@@ -780,7 +780,7 @@ def _train(
     metrics: dict = {}
     if ctx.is_main:
         metrics = _finish(
-            model, data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+            model, data, out_dir, work_dir, config, plan, run,
             parent_store_hash, overwrite, history, val_history, tracker, step, train_s,
         )
     ctx.barrier()
@@ -790,7 +790,7 @@ def _train(
 
 
 def _finish(
-    model, data: _Data, out_dir, work_dir, ckpt_path, sae_config, config, plan, run,
+    model, data: _Data, out_dir, work_dir, config, plan, run,
     parent_store_hash, overwrite, history, val_history, tracker, step, train_s,
 ) -> dict:
     """Evaluate on held-out rows, write the SAE into the work directory, and commit it as ``out_dir``."""
