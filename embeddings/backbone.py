@@ -136,9 +136,9 @@ def load_backbone(
     if output not in OUTPUT_KINDS:
         raise ValueError(f"--output must be one of {', '.join(OUTPUT_KINDS)}; got {output!r}")
     if name == DIGITS_CNN:
-        model, transform, preprocessing, source, sha, embedding_head = _digits_cnn(weights)
+        model, transform, preprocessing, weights_info, embedding_head = _digits_cnn(weights)
     else:
-        model, transform, preprocessing, source, sha, embedding_head = _timm_model(name, weights)
+        model, transform, preprocessing, weights_info, embedding_head = _timm_model(name, weights)
     has_head = getattr(model, "num_classes", 0) > 0
     if output == "auto":
         output_kind = "head" if embedding_head and has_head else "pre_logits"
@@ -153,14 +153,12 @@ def load_backbone(
         info={
             "name": name,
             "architecture": _architecture(model, name),
-            "weights_source": source,
-            "weights_sha256": sha,
+            **weights_info,
             "preprocessing": preprocessing,
             "output_kind": output_kind,
             "normalize": bool(normalize),
             "embedding_head": bool(embedding_head),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "weights_converted": bool(getattr(model, "weights_converted", False)),
             "d": None,
         },
     )
@@ -267,6 +265,12 @@ def _hub_hint(name: str) -> str:
     )
 
 
+def _weights_info(source: str, sha256: str | None, converted: bool = False) -> dict:
+    """The weights entries of ``Backbone.info``: where they came from, their file's hash, whether timm's
+    checkpoint conversion was needed to load them."""
+    return {"weights_source": source, "weights_sha256": sha256, "weights_converted": converted}
+
+
 def _timm_model(name: str, weights):
     import timm
 
@@ -294,8 +298,7 @@ def _timm_model(name: str, weights):
         source, sha = f"file:{path.resolve()}", sha256_file(path)
     transform, preprocessing = _timm_transform(model)
     embedding_head = is_embedding_head(name, getattr(model, "pretrained_cfg", None))
-    model.weights_converted = converted  # read back into info by load_backbone
-    return model, transform, preprocessing, source, sha, embedding_head
+    return model, transform, preprocessing, _weights_info(source, sha, converted), embedding_head
 
 
 def _pretrained_cfg(name: str) -> dict:
@@ -459,4 +462,4 @@ def _digits_cnn(weights):
         path = cnn_weights_path(weights_str)
         source, sha = f"file:{path.resolve()}", sha256_file(path)
     config = model.config
-    return model, cnn_transform(config), cnn_preprocessing(config), source, sha, False
+    return model, cnn_transform(config), cnn_preprocessing(config), _weights_info(source, sha), False
