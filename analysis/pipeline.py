@@ -88,7 +88,7 @@ def run_digits(out_dir: str | Path, config: DigitsRunConfig = DigitsRunConfig(),
         sae_config = sae_config_for_store(store.d, n_train, n_latents=config.sae_n_latents, k=config.sae_k)
         _log(f"sae: training {sae_config.n_latents} latents, k={sae_config.k} on {store.d}-d embeddings")
         train_sae_on_store(
-            store_dir,
+            store,
             sae_dir,
             sae_config,
             TrainConfig(n_epochs=config.sae_epochs, seed=config.seed),

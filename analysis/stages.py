@@ -45,7 +45,7 @@ def sae_config_for_store(
 
 
 def train_sae_on_store(
-    store_dir: str | os.PathLike,
+    store: EmbeddingStore | str | os.PathLike,
     out_dir: str | os.PathLike,
     sae_config: SAEConfig | None = None,
     config: TrainConfig = TrainConfig(),
@@ -57,12 +57,13 @@ def train_sae_on_store(
 ) -> tuple[TrainResult, str]:
     """Train an SAE on a store's training split (held-out metrics on val, else test, else a seeded slice).
 
-    Returns the training result and the name of the held-out rows.
+    ``store`` is an open store or its directory. Returns the training result and the name of the held-out rows.
     """
-    store = EmbeddingStore.open(store_dir)
+    if not isinstance(store, EmbeddingStore):
+        store = EmbeddingStore.open(store)
     train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, split, seed=config.seed)
     sae_config = sae_config_for_store(store.d, train_rows.size) if sae_config is None else sae_config
-    check_compatible(sae_config, store.d, f"store {store_dir}")
+    check_compatible(sae_config, store.d, f"store {store.store_dir}")
     result = train_sae(
         store.x,
         out_dir,

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             variant=args.variant,
         )
         result, heldout_name = train_sae_on_store(
-            args.store, args.out, sae_config, config, run, split=args.split, resume=args.resume,
+            store, args.out, sae_config, config, run, split=args.split, resume=args.resume,
             overwrite=args.overwrite,
         )
     except (ArtifactError, ValueError) as e:
