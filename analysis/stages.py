@@ -91,7 +91,6 @@ def encode_store(
     """Encode every row of a store with a trained SAE into a CodeStore that records both parents' hashes."""
     store = EmbeddingStore.open(store_dir)
     model = load_sae(sae_dir, device=device)
-    check_compatible(model, store.d, f"store {store_dir}")
     parents = {
         "sae_dir": str(Path(sae_dir)),
         "sae_hash": sae_hash(sae_dir),

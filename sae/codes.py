@@ -133,7 +133,8 @@ def encode_array(
     if len(x.shape) != 2:
         raise ValueError(f"encode_array takes an (n, d) array, got shape {tuple(x.shape)}")
     n, d = int(x.shape[0]), int(x.shape[1])
-    check_compatible(model, d, (parents or {}).get("store_dir", "the input array"))
+    store_dir = (parents or {}).get("store_dir")
+    check_compatible(model, d, f"store {store_dir}" if store_dir is not None else "the input array")
     if device is None:
         device = next(model.parameters()).device
     k, n_latents = model.config.k, model.config.n_latents
