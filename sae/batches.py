@@ -33,6 +33,18 @@ class Batch:
     """Epoch the batch belongs to."""
 
 
+def check_rows_finite(x: np.ndarray, rows: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` naming the rows (at most ten) of ``x (m, d)``, known as ``rows (m,)``, that hold NaN
+    or Inf; ``what`` names the data in the message."""
+    ok = np.isfinite(x).all(axis=1)
+    if not ok.all():
+        bad = np.asarray(rows)[~ok]
+        raise ValueError(
+            f"{what} holds NaN or Inf in rows {bad[:10].tolist()}{' and more' if bad.size > 10 else ''}; "
+            "fix or re-extract the embeddings"
+        )
+
+
 class BatchStream:
     """Shuffled batches of ``x[rows]``, ``batch_size`` rows per global batch; the last batch of an epoch
     holds the remainder, so every row is visited once per epoch."""
@@ -110,12 +122,7 @@ class BatchStream:
         """
         rows, n_global, epoch = self.next_rows()
         x = np.asarray(self.x[rows], dtype=np.float32)
-        if x.size and not np.isfinite(x).all():
-            bad = rows[~np.isfinite(x).all(axis=1)]
-            raise ValueError(
-                f"training data holds NaN or Inf in rows {bad[:10].tolist()}"
-                f"{' and more' if bad.size > 10 else ''}; fix or re-extract the embeddings"
-            )
+        check_rows_finite(x, rows, "training data")
         return Batch(x=x, rows=rows, n_global=n_global, epoch=epoch)
 
     def state_dict(self) -> dict:
@@ -222,11 +229,7 @@ class IterableStream:
         x = np.asarray(item, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"the batch source must yield 2-d (b, d) batches, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            raise ValueError(
-                f"batch {self.position} of epoch {self.epoch} holds NaN or Inf in its rows {bad[:10].tolist()}"
-            )
+        check_rows_finite(x, np.arange(x.shape[0]), f"batch {self.position} of epoch {self.epoch}")
         epoch = self.epoch
         self.position += 1
         return Batch(x=x, rows=np.arange(x.shape[0], dtype=np.int64), n_global=x.shape[0], epoch=epoch)

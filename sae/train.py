@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from artifacts import ArtifactError, atomic_file, commit_dir, partial_dir
 from artifacts.ranks import Ranks, resolve_device
-from sae.batches import BatchStream, IterableStream, first_rows
+from sae.batches import BatchStream, IterableStream, check_rows_finite, first_rows
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
 from sae.model import TopKSAE
@@ -397,9 +397,7 @@ def _read_sample(x: np.ndarray, rows: np.ndarray, max_rows: int, seed: int, salt
     if rows.size > max_rows:
         rows = rows[np.sort(np.random.default_rng([seed, salt]).choice(rows.size, size=max_rows, replace=False))]
     out = np.asarray(x[rows], dtype=np.float32)
-    if not np.isfinite(out).all():
-        bad = rows[~np.isfinite(out).all(axis=1)]
-        raise ValueError(f"{what} holds NaN or Inf in rows {bad[:10].tolist()}; fix or re-extract the embeddings")
+    check_rows_finite(out, rows, what)
     return out
 
 
@@ -414,11 +412,9 @@ def check_finite(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 65536) -> No
     """Raise ``ValueError`` naming the rows of ``x[rows]`` that hold NaN or Inf (read in chunks)."""
     bad: list[int] = []
     for start in range(0, rows.size, chunk_rows):
-        part = rows[start : start + chunk_rows]
-        block = np.asarray(x[np.sort(part)], dtype=np.float32)
-        ok = np.isfinite(block).all(axis=1)
-        if not ok.all():
-            bad.extend(np.sort(part)[~ok].tolist())
+        part = np.sort(rows[start : start + chunk_rows])
+        ok = np.isfinite(np.asarray(x[part], dtype=np.float32)).all(axis=1)
+        bad.extend(part[~ok].tolist())
     if bad:
         raise ValueError(
             f"training data holds NaN or Inf in {len(bad)} rows: {sorted(bad)[:10]}"
