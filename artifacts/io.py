@@ -102,6 +102,22 @@ def partial_dir(final_dir: str | os.PathLike) -> Path:
     return final_dir.with_name(f".{final_dir.name}.partial")
 
 
+def begin_dir(final_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A fresh, empty ``partial_dir`` in which to build ``final_dir`` before ``commit_dir`` renames it into place.
+
+    An existing ``final_dir`` is refused here, before any work, unless ``overwrite``; leftovers of an earlier
+    attempt in the partial directory are cleared.
+    """
+    final_dir = Path(final_dir)
+    if final_dir.exists() and not overwrite:
+        raise ArtifactError(f"{final_dir} already exists; pass --overwrite to replace it")
+    work = partial_dir(final_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
 def commit_dir(work_dir: str | os.PathLike, final_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Rename a completed ``work_dir`` to ``final_dir`` in one step.
 

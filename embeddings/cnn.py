@@ -18,7 +18,6 @@ embeddings and its last linear layer is the head that test-time training adapts.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from torchvision import transforms
 from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
+    begin_dir,
     commit_dir,
     package_version,
-    partial_dir,
     read_json,
     sha256_file,
     write_json,
@@ -303,13 +302,7 @@ def save_cnn(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``meta.json`` to ``out_dir``, atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ArtifactError(f"{out_dir} already exists; pass --overwrite to replace it")
-    work = partial_dir(out_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = begin_dir(out_dir, overwrite)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / WEIGHTS_FILE))
     config = {

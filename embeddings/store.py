@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
     atomic_file,
+    begin_dir,
     commit_dir,
     package_version,
-    partial_dir,
     read_json,
     sha256_file,
     write_json,
@@ -203,10 +202,7 @@ def write_store(
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise ValueError(f"embeddings hold NaN or Inf in rows {bad[:10].tolist()}")
     n = x.shape[0]
-    work = partial_dir(store_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = begin_dir(store_dir, overwrite)
     write_npy(work / "embeddings.npy", x)
     finish_store(
         work,

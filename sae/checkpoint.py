@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
+    begin_dir,
     commit_dir,
     package_version,
-    partial_dir,
     read_json,
     sha256_file,
     write_json,
@@ -53,13 +52,7 @@ def save_sae(
 
     ``extra_json`` maps file names (e.g. ``"history.json"``) to JSON-able objects written beside the weights.
     """
-    sae_dir = Path(sae_dir)
-    if sae_dir.exists() and not overwrite:
-        raise ArtifactError(f"{sae_dir} already exists; pass --overwrite to replace it")
-    work = partial_dir(sae_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = begin_dir(sae_dir, overwrite)
     tensors = {name: getattr(model, name).detach().to("cpu").contiguous() for name in PARAM_NAMES}
     save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
     cfg = model.config

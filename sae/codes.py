@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from artifacts import SCHEMA_VERSION, ArtifactError, commit_dir, package_version, partial_dir, read_json, write_json
+from artifacts import SCHEMA_VERSION, ArtifactError, begin_dir, commit_dir, package_version, read_json, write_json
 from sae.checkpoint import check_compatible
 from sae.metrics import code_metrics, iter_batches
 from sae.model import TopKSAE
@@ -127,9 +127,6 @@ def encode_array(
     ``sae_hash``, ``store_dir``, ``store_hash``) is recorded in ``meta.json``. Rows with NaN or Inf are an
     error naming them.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ArtifactError(f"{out_dir} already exists; pass --overwrite to replace it")
     if len(x.shape) != 2:
         raise ValueError(f"encode_array takes an (n, d) array, got shape {tuple(x.shape)}")
     n, d = int(x.shape[0]), int(x.shape[1])
@@ -138,10 +135,7 @@ def encode_array(
     if device is None:
         device = next(model.parameters()).device
     k, n_latents = model.config.k, model.config.n_latents
-    work = partial_dir(out_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = begin_dir(out_dir, overwrite)
     try:
         indices = open_memmap(work / "indices.npy", mode="w+", dtype=np.int32, shape=(n, k))
         values = open_memmap(work / "values.npy", mode="w+", dtype=np.float32, shape=(n, k))

@@ -1,6 +1,7 @@
 """The EmbeddingStore format and the chunk files it is assembled from."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -168,3 +169,19 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     with atomic_file(path, "w") as f:
         f.write("second")
     assert path.read_text() == "second"
+
+
+def test_begin_dir_refuses_before_any_work_and_clears_leftovers(tmp_path):
+    from artifacts import begin_dir
+
+    final = tmp_path / "artifact"
+    work = begin_dir(final)
+    (work / "half.npy").write_bytes(b"left by a crash")
+    work = begin_dir(final)
+    assert work == partial_dir(final) and list(work.iterdir()) == []
+    final.mkdir()
+    shutil.rmtree(work)
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        begin_dir(final)
+    assert not work.exists()  # refused before anything was written
+    assert begin_dir(final, overwrite=True).is_dir()
