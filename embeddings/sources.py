@@ -197,42 +197,47 @@ def _with_split(labels, split_seed, val_fraction, test_fraction):
     return stratified_split(labels, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
-def _image_folder(root: Path, seed: int, val_fraction: float, test_fraction: float, max_pixels) -> ImageSource:
-    dirs, files = _top_level(root)
-    classes = [d.name for d in dirs]
-    rows: list[tuple[int, tuple[str, ...], str, Path]] = []
-    ignored = [{"id": _rel(f, root), "reason": "outside the class folders"} for f in files]
-    for label, d in enumerate(dirs):
-        for path in _walk_files(d):
-            rel = _rel(path, root)
-            if is_image_path(path):
-                rows.append((label, _sort_key(rel), rel, path))
-            else:
-                ignored.append(_not_image(rel))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    labels = np.array([r[0] for r in rows], dtype=np.int64)
-    ignored.sort(key=lambda r: _sort_key(r["id"]))
-    settings = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-    return _FileSource(
-        "imagefolder", root, [r[3] for r in rows], [r[2] for r in rows], labels, classes,
-        _with_split(labels, seed, val_fraction, test_fraction), ignored, settings, max_pixels,
-    )
-
-
-def _flat_folder(root: Path, seed: int, val_fraction: float, test_fraction: float, max_pixels) -> ImageSource:
+def _images_under(top: Path, root: Path) -> tuple[list[tuple[str, Path]], list[dict]]:
+    """The image files under ``top`` as ``(id relative to root, path)`` in sorted order, and the other files as
+    ignored records."""
     rows, ignored = [], []
-    for path in _walk_files(root):
+    for path in _walk_files(top):
         rel = _rel(path, root)
         if is_image_path(path):
             rows.append((rel, path))
         else:
             ignored.append(_not_image(rel))
     rows.sort(key=lambda r: _sort_key(r[0]))
+    return rows, ignored
+
+
+def _image_folder(root: Path, seed: int, val_fraction: float, test_fraction: float, max_pixels) -> ImageSource:
+    dirs, files = _top_level(root)
+    classes = [d.name for d in dirs]
+    rows: list[tuple[str, Path]] = []
+    label_list: list[int] = []
+    ignored = [{"id": _rel(f, root), "reason": "outside the class folders"} for f in files]
+    for label, d in enumerate(dirs):
+        class_rows, class_ignored = _images_under(d, root)
+        rows += class_rows
+        label_list += [label] * len(class_rows)
+        ignored += class_ignored
     ignored.sort(key=lambda r: _sort_key(r["id"]))
-    labels = np.full(len(rows), -1, dtype=np.int64)
+    return _folder_source("imagefolder", root, rows, np.array(label_list, dtype=np.int64), classes, ignored,
+                          seed, val_fraction, test_fraction, max_pixels)
+
+
+def _flat_folder(root: Path, seed: int, val_fraction: float, test_fraction: float, max_pixels) -> ImageSource:
+    rows, ignored = _images_under(root, root)
+    ignored.sort(key=lambda r: _sort_key(r["id"]))
+    return _folder_source("flat", root, rows, np.full(len(rows), -1, dtype=np.int64), [], ignored,
+                          seed, val_fraction, test_fraction, max_pixels)
+
+
+def _folder_source(kind, root, rows, labels, classes, ignored, seed, val_fraction, test_fraction, max_pixels):
     settings = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     return _FileSource(
-        "flat", root, [r[1] for r in rows], [r[0] for r in rows], labels, [],
+        kind, root, [r[1] for r in rows], [r[0] for r in rows], labels, classes,
         _with_split(labels, seed, val_fraction, test_fraction), ignored, settings, max_pixels,
     )
 
