@@ -1,125 +1,181 @@
-"""The default end-to-end run on the bundled digits: backbone → store → SAE → codes → summary.
+"""The stage cache of a run directory: every stage is keyed by a content hash of its inputs and settings.
 
-Every stage writes its own artifact directory under ``out_dir`` and is skipped when that artifact is
-already complete, so an interrupted run continues where it stopped when the same command runs again.
+A run is a chain of stages (backbone → store → SAE → codes → studies → report). Each stage writes one
+directory ``RUN_DIR/<stage>/`` and, once that directory is complete, a record ``RUN_DIR/stages/<stage>.json``:
+
+    {"stage", "key", "version", "settings", "parents": {name: key}, "result", "seconds", "finished_at"}
+
+``key`` is the SHA-256 of the stage's name, version, settings and the keys of its parents, so it changes when
+any setting upstream changes (a Merkle chain). On a rerun:
+
+- record present with the same key and its directory present: the stage is reused (``reusing``);
+- record with another key: the settings or parents that changed are printed, the old directory is removed and
+  the stage reruns; every stage downstream then has a new key too, and reruns for the same reason;
+- directory without a record, or no directory: the stage (re)runs. A stage killed mid-way leaves its partial
+  directory (``.NAME.partial``, and ``.NAME.resume`` for checkpoints kept apart) beside it; its
+  ``stages/<stage>.pending.json`` names the key it was run with, so a resumable stage (extraction, SAE training,
+  the TTT evaluation) continues it only when the key is the same, and it is cleared otherwise.
+
+The record is written last and atomically, so a record always describes a complete directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
-from artifacts import read_json, write_json
-from analysis.stages import encode_store, sae_config_for_store, train_sae_on_store
-from embeddings.cnn import CNNConfig, CNNTrainConfig, save_cnn, train_cnn
-from embeddings.extract import ExtractConfig, ExtractRun, extract
-from sae.codes import CodeStore
-from sae.train import RunConfig, TrainConfig
+from artifacts import ArtifactError, package_version, partial_dir, read_json, settings_differences, write_json
+
+RECORDS_DIRNAME = "stages"
+
+
+def stage_key(name: str, version: int, settings: dict, parents: dict[str, str]) -> str:
+    """The content hash of a stage: its name, version, settings and its parents' keys (sorted JSON)."""
+    text = json.dumps({"stage": name, "version": version, "settings": settings, "parents": parents},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
-class DigitsRunConfig:
-    """Algorithm settings of the default digits run."""
+class Stage:
+    """One cached step of a run."""
 
-    cnn_width: int = 8
-    """Channels of the digits CNN; its embedding width is 25 × this (--cnn-width)."""
-    cnn_epochs: int = 20
-    """Global training epochs of the digits CNN (--cnn-epochs)."""
-    sae_n_latents: int | None = None
-    """SAE width; ``None``: the default for the width and the number of training rows (--sae-n-latents)."""
-    sae_k: int | None = None
-    """Active latents per image; ``None``: the default for the width (--sae-k)."""
-    sae_epochs: float = 200.0
-    """SAE training epochs over the ~1,080 training digits (--sae-epochs)."""
-    seed: int = 0
-    """Seed of the split, the CNN and the SAE (--seed)."""
-
-    def __post_init__(self):
-        if self.cnn_width < 1:
-            raise ValueError(f"--cnn-width must be >= 1, got {self.cnn_width}")
-        if self.cnn_epochs < 1:
-            raise ValueError(f"--cnn-epochs must be >= 1, got {self.cnn_epochs}")
-        if self.sae_n_latents is not None and self.sae_n_latents < 1:
-            raise ValueError(f"--sae-n-latents must be >= 1, got {self.sae_n_latents}")
-        if self.sae_k is not None and self.sae_k < 1:
-            raise ValueError(f"--sae-k must be >= 1, got {self.sae_k}")
-        if not self.sae_epochs > 0:
-            raise ValueError(f"--sae-epochs must be > 0, got {self.sae_epochs}")
+    name: str
+    """Directory and record name (``backbone``, ``store``, ``sae`` ...)."""
+    settings: dict
+    """Every setting that decides the stage's output (JSON-able); part of the key."""
+    run: Callable[[Path, dict[str, "StageResult"]], dict]
+    """``run(out_dir, parents) -> result``: builds ``out_dir`` (which does not exist yet) and returns a JSON-able
+    summary kept in the record."""
+    parents: tuple[str, ...] = ()
+    """Names of the stages whose outputs this one reads."""
+    version: int = 1
+    """Bumped when the stage's code changes what it writes, so that old results are not reused."""
 
 
-def _log(message: str) -> None:
-    print(f"[digits] {message}", flush=True)
+@dataclass
+class StageResult:
+    """A finished stage: where its directory is, its key, its summary, and how long it took."""
+
+    name: str
+    key: str
+    dir: Path
+    result: dict
+    seconds: float
+    """Seconds the stage took when it was computed."""
+    reused: bool
+    """Whether this run reused it instead of computing it."""
+    settings: dict = field(default_factory=dict)
 
 
-def run_digits(out_dir: str | Path, config: DigitsRunConfig = DigitsRunConfig(), device: str = "cpu") -> dict:
-    """Run (or finish) the default pipeline into ``out_dir`` and return the summary it writes to
-    ``out_dir/summary.json``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cnn_dir, store_dir = out_dir / "backbone", out_dir / "store"
-    sae_dir, codes_dir = out_dir / "sae", out_dir / "codes"
-    timings: dict[str, float] = {}
+class StageCache:
+    """Runs stages into ``run_dir``, reusing those whose key matches their record (see the module docstring)."""
 
-    t = time.perf_counter()
-    if cnn_dir.is_dir():
-        _log(f"backbone: reusing {cnn_dir}")
-    else:
-        _log(f"backbone: training the digits CNN (width {config.cnn_width})")
-        train = CNNTrainConfig(epochs=config.cnn_epochs)
-        model, metrics = train_cnn(CNNConfig(width=config.cnn_width), train, seed=config.seed, device=device)
-        save_cnn(model, cnn_dir, train=train, seed=config.seed, metrics=metrics)
-    cnn_metrics = read_json(cnn_dir / "meta.json")["metrics"]
-    timings["backbone_s"] = time.perf_counter() - t
+    def __init__(self, run_dir: str | Path, log: Callable[[str], None] = print):
+        self.run_dir = Path(run_dir)
+        self.records_dir = self.run_dir / RECORDS_DIRNAME
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.results: dict[str, StageResult] = {}
 
-    t = time.perf_counter()
-    _log(f"store: extracting the digits' embeddings into {store_dir}")
-    store = extract(
-        ExtractConfig(source="digits", backbone="digits-cnn", weights=str(cnn_dir), seed=config.seed),
-        ExtractRun(out_dir=store_dir, device=device, num_workers=0, progress=False),
-    )
-    timings["store_s"] = time.perf_counter() - t
+    def record_path(self, name: str) -> Path:
+        return self.records_dir / f"{name}.json"
 
-    t = time.perf_counter()
-    if sae_dir.is_dir():
-        _log(f"sae: reusing {sae_dir}")
-    else:
-        n_train = len(store.split["train"])
-        sae_config = sae_config_for_store(store.d, n_train, n_latents=config.sae_n_latents, k=config.sae_k)
-        _log(f"sae: training {sae_config.n_latents} latents, k={sae_config.k} on {store.d}-d embeddings")
-        train_sae_on_store(
-            store,
-            sae_dir,
-            sae_config,
-            TrainConfig(n_epochs=config.sae_epochs, seed=config.seed),
-            RunConfig(device=device, checkpoint_every=200, progress=False),
-            resume=True,
-        )
-    sae_summary = read_json(sae_dir / "config.json")
-    timings["sae_s"] = time.perf_counter() - t
+    def run(self, stage: Stage) -> StageResult:
+        """Reuse or compute ``stage``; its parents must have run in this cache already."""
+        missing = [p for p in stage.parents if p not in self.results]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs {missing} to run first")
+        parents = {p: self.results[p].key for p in stage.parents}
+        key = stage_key(stage.name, stage.version, stage.settings, parents)
+        out_dir = self.run_dir / stage.name
+        reused = self._reusable(stage, key, parents, out_dir)
+        if reused is not None:
+            self.results[stage.name] = reused
+            self.log(f"{stage.name}: reusing {out_dir} (key {key[:12]}, computed in {reused.seconds:.1f} s)")
+            return reused
+        self._prepare(stage.name, key, out_dir)
+        t0 = time.perf_counter()
+        result = stage.run(out_dir, {p: self.results[p] for p in stage.parents})
+        seconds = time.perf_counter() - t0
+        if not out_dir.is_dir():
+            raise ArtifactError(f"stage {stage.name!r} finished without writing {out_dir}")
+        write_json(self.record_path(stage.name), {
+            "stage": stage.name, "key": key, "version": stage.version, "settings": stage.settings,
+            "parents": parents, "result": result, "seconds": seconds, "package_version": package_version(),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        self._pending_path(stage.name).unlink(missing_ok=True)
+        done = StageResult(stage.name, key, out_dir, result, seconds, False, stage.settings)
+        self.results[stage.name] = done
+        self.log(f"{stage.name}: done in {seconds:.1f} s")
+        return done
 
-    t = time.perf_counter()
-    if codes_dir.is_dir():
-        _log(f"codes: reusing {codes_dir}")
-        codes = CodeStore.open(codes_dir)
-    else:
-        _log(f"codes: encoding {store.n} embeddings")
-        codes = encode_store(store_dir, sae_dir, codes_dir, device=device)
-    timings["codes_s"] = time.perf_counter() - t
+    def _reusable(self, stage: Stage, key: str, parents: dict, out_dir: Path) -> StageResult | None:
+        path = self.record_path(stage.name)
+        if not path.is_file():
+            if out_dir.exists():
+                self.log(f"{stage.name}: {out_dir} has no completion record (an interrupted run); rebuilding it")
+            return None
+        try:
+            record = read_json(path)
+        except ArtifactError:
+            self.log(f"{stage.name}: its record {path} is unreadable; rebuilding the stage")
+            return None
+        if record.get("key") == key and out_dir.is_dir():
+            return StageResult(stage.name, key, out_dir, record.get("result") or {}, float(record.get("seconds", 0.0)),
+                               True, stage.settings)
+        if record.get("key") == key:
+            self.log(f"{stage.name}: {out_dir} is missing; rebuilding it")
+        else:
+            self.log(f"{stage.name}: {_why_changed(stage, record, parents)}; rerunning it")
+        return None
 
-    summary = {
-        "config": asdict(config),
-        "backbone": {
-            "dir": str(cnn_dir),
-            "n_features": store.d,
-            **{k: cnn_metrics[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy") if k in cnn_metrics},
-        },
-        "store": {"dir": str(store_dir), "n": store.n, "d": store.d, "content_hash": store.content_hash,
-                  "split": {name: int(len(rows)) for name, rows in store.split.items()}},
-        "sae": {"dir": str(sae_dir), "n_latents": sae_summary["sae"]["n_latents"], "k": sae_summary["sae"]["k"],
-                "heldout": sae_summary.get("metrics", {}).get("heldout", {})},
-        "codes": {"dir": str(codes_dir), "n": codes.n, "firing": codes.meta.get("firing", {})},
-        "timings": timings,
-    }
-    write_json(out_dir / "summary.json", summary)
-    return summary
+    def _pending_path(self, name: str) -> Path:
+        return self.records_dir / f"{name}.pending.json"
+
+    def _prepare(self, name: str, key: str, out_dir: Path) -> None:
+        """Clear what an earlier run left that does not belong to ``key``; keep a partial directory of the same key
+        (a resumable stage continues it)."""
+        self.record_path(name).unlink(missing_ok=True)
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        elif out_dir.exists():
+            raise ArtifactError(f"{out_dir} is a file, not a stage directory; move it away and rerun")
+        pending = self._pending_path(name)
+        same = pending.is_file() and _read_key(pending) == key
+        if not same:
+            shutil.rmtree(partial_dir(out_dir), ignore_errors=True)
+            shutil.rmtree(resume_dir(out_dir), ignore_errors=True)
+        write_json(pending, {"stage": name, "key": key})
+
+
+def resume_dir(out_dir: Path) -> Path:
+    """Where a stage keeps checkpoints that must outlive its partial directory (``.NAME.resume``); cleared with the
+    partial directory when the stage's key changes."""
+    return out_dir.with_name(f".{out_dir.name}.resume")
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return read_json(path).get("key")
+    except ArtifactError:
+        return None
+
+
+def _why_changed(stage: Stage, record: dict, parents: dict) -> str:
+    """One line: which settings and which parents differ from the record."""
+    reasons = settings_differences(record.get("settings", {}), stage.settings)
+    dropped = sorted(set(record.get("settings", {})) - set(stage.settings))
+    reasons += [f"{k}: recorded {record['settings'][k]!r}, no longer set" for k in dropped]
+    old_parents = record.get("parents", {})
+    reasons += [f"input {p!r} changed" for p in sorted(parents) if old_parents.get(p) != parents[p]]
+    if record.get("version") != stage.version:
+        reasons.append(f"stage version {record.get('version')} -> {stage.version}")
+    return "settings changed (" + "; ".join(reasons) + ")" if reasons else "its key changed"

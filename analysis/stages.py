@@ -11,9 +11,10 @@ from pathlib import Path
 
 from embeddings.store import EmbeddingStore
 from sae.batches import choose_rows
-from sae.checkpoint import check_compatible, load_sae, sae_hash
+from sae.checkpoint import check_compatible, load_sae, read_provenance, sae_hash
 from sae.codes import CodeStore, encode_array
 from sae.config import SAEConfig
+from sae.provenance import store_provenance, warn_if_different
 from sae.train import RunConfig, TrainConfig, TrainResult, default_shape, train_sae
 
 
@@ -54,13 +55,18 @@ def train_sae_on_store(
     split: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    verify_store: bool = True,
 ) -> tuple[TrainResult, str]:
     """Train an SAE on a store's training split (held-out metrics on val, else test, else a seeded slice).
 
     ``store`` is an open store or its directory. Returns the training result and the name of the held-out rows.
+    ``verify_store``: first check the store's files against the content hash the SAE records as its parent
+    (``EmbeddingStore.verify``; reads every byte once, so huge stores may skip it).
     """
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore.open(store)
+    if verify_store:
+        store.verify()
     train_rows, heldout_rows, heldout_name = choose_rows(store.n, store.split, split, seed=config.seed)
     sae_config = sae_config_for_store(store.d, train_rows.size) if sae_config is None else sae_config
     check_compatible(sae_config, store.d, f"store {store.store_dir}")
@@ -73,6 +79,7 @@ def train_sae_on_store(
         train_rows=train_rows,
         heldout_rows=heldout_rows,
         parent_store_hash=store.content_hash,
+        provenance=store_provenance(store.meta),
         resume=resume,
         overwrite=overwrite,
     )
@@ -87,10 +94,13 @@ def encode_store(
     batch_size: int = 4096,
     device: str = "cpu",
     overwrite: bool = False,
+    verify_store: bool = True,
 ) -> CodeStore:
-    """Encode every row of a store with a trained SAE into a CodeStore that records both parents' hashes."""
-    store = EmbeddingStore.open(store_dir)
+    """Encode every row of a store with a trained SAE into a CodeStore that records both parents' hashes
+    (``verify_store``: after checking the store's files against its recorded hash, as ``train_sae_on_store``)."""
+    store = EmbeddingStore.open(store_dir, verify=verify_store)
     model = load_sae(sae_dir, device=device)
+    warn_if_different(read_provenance(sae_dir), store_provenance(store.meta), str(sae_dir), str(store_dir))
     parents = {
         "sae_dir": str(Path(sae_dir)),
         "sae_hash": sae_hash(sae_dir),

@@ -3,15 +3,22 @@
 Every stage writes a directory with ``config.json`` (the settings that produced it) and ``meta.json``
 (schema version, package version, parent hashes, metrics, timings). Directories are built in a
 partial sibling and renamed into place when complete, so a half-written artifact never carries the
-final name. This package imports nothing else of the project.
+final name; while one is built, an advisory lock keeps a second run out (``artifacts.lock``). Only an
+artifact of this toolkit is ever replaced. ``artifacts.settings`` refuses to reuse an artifact made with
+other settings; ``artifacts.cli`` turns a user's mistake into one ``error:`` line in every script. This
+package imports nothing else of the project.
 """
 
+from artifacts.errors import ArtifactError
 from artifacts.io import (
     SCHEMA_VERSION,
-    ArtifactError,
+    abandon_dir,
     atomic_file,
     begin_dir,
+    building,
+    check_replaceable,
     commit_dir,
+    is_artifact_dir,
     package_version,
     partial_dir,
     read_json,
@@ -19,16 +26,27 @@ from artifacts.io import (
     write_json,
     write_npy,
 )
+from artifacts.lock import LockHeld, dir_lock, lock_path
+from artifacts.settings import check_settings, settings_differences
 
 __all__ = [
     "SCHEMA_VERSION",
     "ArtifactError",
+    "LockHeld",
+    "abandon_dir",
     "atomic_file",
     "begin_dir",
+    "building",
+    "check_replaceable",
+    "check_settings",
     "commit_dir",
+    "dir_lock",
+    "is_artifact_dir",
+    "lock_path",
     "package_version",
     "partial_dir",
     "read_json",
+    "settings_differences",
     "sha256_file",
     "write_json",
     "write_npy",

@@ -1,4 +1,10 @@
-"""Atomic files and directories, JSON metadata and content hashes."""
+"""Atomic files and directories, JSON metadata and content hashes.
+
+A directory is built by ``begin_dir`` in its partial sibling under the advisory lock of ``artifacts.lock`` and
+renamed into place by ``commit_dir`` (or ``building`` for both). Only a directory that is recognisably an artifact of
+this toolkit (``is_artifact_dir``: a ``meta.json`` with schema and package version) or an empty one is ever
+replaced, and only with ``overwrite`` (``check_replaceable``); anything else at the path is refused by name.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from artifacts import lock
+from artifacts.errors import ArtifactError
+
 SCHEMA_VERSION = 1
 """Version of the on-disk layout of every artifact; bumped when a reader must change."""
-
-
-class ArtifactError(RuntimeError):
-    """An artifact on disk is missing, incomplete or does not match what was asked for."""
 
 
 def package_version() -> str:
@@ -102,37 +107,112 @@ def partial_dir(final_dir: str | os.PathLike) -> Path:
     return final_dir.with_name(f".{final_dir.name}.partial")
 
 
+def is_artifact_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by this toolkit: its ``meta.json`` names a schema and package
+    version (every stage writes both)."""
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = read_json(meta_path)
+    except (ArtifactError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and "schema_version" in meta and "package_version" in meta
+
+
+def check_replaceable(final_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to write ``final_dir`` over something: only an artifact of this toolkit (or an empty folder) is ever
+    replaced, and only with ``overwrite``. Anything else at that path (a user's folder, a file, a link) is
+    refused without suggesting ``--overwrite``, which would not replace it either."""
+    final_dir = Path(final_dir)
+    if not os.path.lexists(final_dir):
+        return
+    if final_dir.is_symlink() or not final_dir.is_dir():
+        kind = "a symbolic link" if final_dir.is_symlink() else "a file"
+        raise ArtifactError(
+            f"--out {final_dir} is {kind}, not an artifact directory; it is never replaced: choose another --out"
+        )
+    if not is_artifact_dir(final_dir) and any(final_dir.iterdir()):
+        raise ArtifactError(
+            f"--out {final_dir} is a folder that is not an artifact of this toolkit (it has no meta.json with a "
+            f"schema_version); it is never replaced or deleted: choose another --out"
+        )
+    if not overwrite:
+        raise ArtifactError(f"{final_dir} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+_begun: set[Path] = set()  # final directories that begin_dir locked and commit_dir or abandon_dir will release
+
+
+def _end(final_dir: Path) -> None:
+    key = final_dir.absolute()
+    if key in _begun:
+        _begun.discard(key)
+        lock.release(final_dir)
+
+
 def begin_dir(final_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """A fresh, empty ``partial_dir`` in which to build ``final_dir`` before ``commit_dir`` renames it into place.
 
-    An existing ``final_dir`` is refused here, before any work, unless ``overwrite``; leftovers of an earlier
-    attempt in the partial directory are cleared.
+    Takes the advisory lock of ``final_dir`` (``artifacts.lock``; another live run building it is refused at
+    once, naming it) until ``commit_dir`` or ``abandon_dir``. An existing ``final_dir`` is refused here, before
+    any work, unless it is an artifact and ``overwrite`` (``check_replaceable``); leftovers of an earlier attempt
+    in the partial directory are cleared.
     """
     final_dir = Path(final_dir)
-    if final_dir.exists() and not overwrite:
-        raise ArtifactError(f"{final_dir} already exists; pass --overwrite to replace it")
-    work = partial_dir(final_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    key = final_dir.absolute()
+    if key not in _begun:
+        lock.acquire(final_dir)
+        _begun.add(key)
+    try:
+        check_replaceable(final_dir, overwrite)
+        work = partial_dir(final_dir)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    except BaseException:
+        _end(final_dir)
+        raise
     return work
 
 
 def commit_dir(work_dir: str | os.PathLike, final_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Rename a completed ``work_dir`` to ``final_dir`` in one step.
+    """Rename a completed ``work_dir`` to ``final_dir`` in one step, and release the lock ``begin_dir`` took.
 
-    An existing ``final_dir`` is replaced only with ``overwrite=True``; it is first moved aside, so
-    a crash between the two renames leaves either the old or the new artifact, never a mixture.
+    An existing ``final_dir`` is replaced only when it is an artifact and ``overwrite=True``; it is first moved
+    aside, so a crash between the two renames leaves either the old or the new artifact, never a mixture.
     """
     work_dir, final_dir = Path(work_dir), Path(final_dir)
-    if final_dir.exists():
-        if not overwrite:
-            raise ArtifactError(f"{final_dir} already exists; pass --overwrite to replace it")
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        os.replace(final_dir, old)
-        os.replace(work_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    try:
+        if os.path.lexists(final_dir):
+            check_replaceable(final_dir, overwrite)
+            old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+            os.replace(final_dir, old)
+            os.replace(work_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work_dir, final_dir)
+        _fsync_dir(final_dir.parent)
+    finally:
+        _end(final_dir)
     return final_dir
+
+
+def abandon_dir(final_dir: str | os.PathLike) -> None:
+    """Give up building ``final_dir``: delete its partial directory and release the lock ``begin_dir`` took."""
+    final_dir = Path(final_dir)
+    shutil.rmtree(partial_dir(final_dir), ignore_errors=True)
+    _end(final_dir)
+
+
+@contextmanager
+def building(final_dir: str | os.PathLike, overwrite: bool = False):
+    """Build ``final_dir`` in the ``with`` block: yields the partial directory (``begin_dir``), commits it when the
+    block ends, and abandons it (deleted, lock released) when the block raises."""
+    work = begin_dir(final_dir, overwrite)
+    try:
+        yield work
+    except BaseException:
+        abandon_dir(final_dir)
+        raise
+    commit_dir(work, final_dir, overwrite=overwrite)

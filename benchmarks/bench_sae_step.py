@@ -12,6 +12,10 @@ Peers come from the ``bench`` extra (``pip install -e ".[bench]"`` in a separate
 fails prints "skipped: <reason>".
 
     python benchmarks/bench_sae_step.py [--batch 4096 --d 512 --n-latents 4096 --k 16 --repeats 7]
+    python benchmarks/bench_sae_step.py --co-runner 2     # beside another job's 2 busy matmul threads
+
+``--co-runner T`` starts a separate process that multiplies 1024x1024 matrices on T threads for the whole
+measurement (warm-up included), to show how each step degrades when the cores are shared.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder is GPU-only
@@ -44,6 +50,22 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+CO_RUNNER = (
+    "import torch, sys; torch.set_num_threads(int(sys.argv[1])); a = torch.randn(1024, 1024)\n"
+    "while True: a @ a"
+)
+
+
+def start_co_runner(n_threads: int) -> subprocess.Popen | None:
+    """A busy process beside the benchmark (killed at exit): n_threads of back-to-back fp32 matmuls."""
+    if n_threads <= 0:
+        return None
+    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads)}
+    proc = subprocess.Popen([sys.executable, "-c", CO_RUNNER, str(n_threads)], env=env)
+    time.sleep(2.0)  # let it import torch and reach its loop
+    return proc
 
 
 def make_adam(params):
@@ -138,7 +160,18 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated row-name prefixes to run (e.g. ours,floor)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--co-runner", type=int, default=0, help="threads of a busy job run beside (0: none)")
     args = parser.parse_args()
+    co_runner = start_co_runner(args.co_runner)
+    try:
+        run(args)
+    finally:
+        if co_runner is not None:
+            co_runner.kill()
+            co_runner.wait()
+
+
+def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -158,7 +191,8 @@ def main() -> None:
     print(
         f"device={device} cpu_count={os.cpu_count()} usable_cpus={affinity} torch_threads={torch.get_num_threads()} "
         f"torch={torch.__version__} cpu_capability={torch.backends.cpu.get_cpu_capability()} "
-        f"bf16_native_flags={bf16_native or 'none'}"
+        f"bf16_native_flags={bf16_native or 'none'} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
+        f"co_runner_threads={args.co_runner}"
     )
     if device.type == "cuda":
         print(f"gpu={torch.cuda.get_device_name(device)}")

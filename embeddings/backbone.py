@@ -51,6 +51,7 @@ from torch import nn
 from torchvision import transforms
 
 from artifacts import ArtifactError, sha256_file
+from embeddings.recipes import parse_recipe, recipe_preprocessing, recipe_record, recipe_transform
 
 OUTPUT_KINDS = ("auto", "head", "pre_logits")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -62,7 +63,7 @@ _EMBEDDING_MARKERS = ("clip", "siglip")
 _CLASSIFIER_TAG_MARKERS = ("in1k", "in12k", "in21k", "in22k")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ArtifactError):
     """Backbone weights can't be had or don't fit the model."""
 
 
@@ -135,8 +136,16 @@ def load_backbone(
     """
     if output not in OUTPUT_KINDS:
         raise ValueError(f"--output must be one of {', '.join(OUTPUT_KINDS)}; got {output!r}")
+    recipe = parse_recipe(name)  # a named model + preprocessing choice (embeddings.recipes), e.g. the paper's CLIP
     if name == DIGITS_CNN:
         model, transform, preprocessing, weights_info, embedding_head = _digits_cnn(weights)
+    elif recipe is not None:
+        model, _, _, weights_info, _ = _timm_model(recipe[1], weights)
+        transform, preprocessing = recipe_transform(recipe[0]), recipe_preprocessing(*recipe)
+        embedding_head = recipe[0].output == "head"
+        output = recipe[0].output if output == "auto" else output
+        normalize = recipe[0].normalize if normalize is None else normalize
+        weights_info = {**weights_info, "recipe": recipe_record(*recipe)}
     else:
         model, transform, preprocessing, weights_info, embedding_head = _timm_model(name, weights)
     has_head = getattr(model, "num_classes", 0) > 0

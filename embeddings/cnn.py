@@ -340,10 +340,16 @@ def cnn_weights_path(cnn_dir: str | Path) -> Path:
 def load_cnn(cnn_dir: str | Path, device: str = "cpu") -> DigitsCNN:
     """Rebuild a saved CNN from its ``config.json`` and load its safetensors strictly; frozen, eval mode."""
     path = Path(cnn_dir)
+    if path.is_file() and path.name != WEIGHTS_FILE:
+        raise ArtifactError(
+            f"{path} is a file, not a digits CNN: the digits CNN loads from the directory that "
+            f"scripts/train_backbone.py writes (config.json and {WEIGHTS_FILE}); pass that directory, or train one "
+            f"with `python scripts/train_backbone.py --out CNN_DIR`"
+        )
     cnn_dir = path.parent if path.is_file() else path
     hint = f"train one with `python scripts/train_backbone.py --out {cnn_dir}`"
     if not (cnn_dir / "config.json").is_file() or not (cnn_dir / WEIGHTS_FILE).is_file():
-        raise ArtifactError(f"no digits CNN at {cnn_dir} (it needs config.json and {WEIGHTS_FILE}); {hint}")
+        raise ArtifactError(f"no digits CNN at {path} (it needs config.json and {WEIGHTS_FILE}); {hint}")
     config = read_json(cnn_dir / "config.json")
     if config.get("architecture") != ARCHITECTURE:
         raise ArtifactError(f"{cnn_dir}/config.json describes {config.get('architecture')!r}, not {ARCHITECTURE!r}")

@@ -34,7 +34,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from artifacts import SCHEMA_VERSION, ArtifactError, commit_dir, partial_dir, read_json
+from artifacts import (
+    SCHEMA_VERSION,
+    ArtifactError,
+    check_replaceable,
+    commit_dir,
+    is_artifact_dir,
+    lock,
+    partial_dir,
+    read_json,
+)
 from artifacts.ranks import Ranks, resolve_device
 from embeddings.backbone import load_backbone
 from embeddings.chunks import (
@@ -58,7 +67,7 @@ KILL_AFTER_CHUNK_ENV = "EMBEDDINGS_TEST_KILL_AFTER_CHUNK"
 tests can interrupt a run at a deterministic point. Never set it outside tests."""
 
 
-class ExtractError(RuntimeError):
+class ExtractError(ArtifactError):
     """Extraction produced something that must not be stored (NaN or Inf embeddings)."""
 
 
@@ -221,14 +230,20 @@ def _listing_sha256(source) -> str:
     """Hash of what the source lists (ids, labels, classes, split): a changed folder must not resume."""
     h = hashlib.sha256()
     for i in source.ids:
-        h.update(str(i).encode())
+        h.update(_name_bytes(str(i)))
         h.update(b"\0")
     h.update(np.ascontiguousarray(np.asarray(source.labels, dtype=np.int64)).tobytes())
-    h.update("\0".join(source.classes).encode())
+    h.update(_name_bytes("\0".join(source.classes)))
     for name in sorted(source.split or {}):
         h.update(name.encode())
         h.update(np.ascontiguousarray(np.asarray(source.split[name], dtype=np.int64)).tobytes())
     return h.hexdigest()
+
+
+def _name_bytes(name: str) -> bytes:
+    """The bytes of a file or folder name: a name that is not valid UTF-8 carries its bytes as surrogate escapes
+    (``os.fsdecode``), which go back to exactly those bytes here instead of failing to encode."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _state_sha256(model: torch.nn.Module) -> str:
@@ -295,6 +310,31 @@ def _extract(config: ExtractConfig, run: ExtractRun, ranks: Ranks, t_start: floa
         torch.cuda.set_device(device)
     if run.n_threads is not None:
         torch.set_num_threads(run.n_threads)
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    # Rank 0 holds the lock of --out for the whole run, taken first so that a second run, or a --out that is
+    # a user's own folder, is refused at once, before anything loads; the other ranks learn whether it got it.
+    refused = None
+    if ranks.rank == 0:
+        try:
+            lock.acquire(run.out_dir)
+        except ArtifactError as e:
+            refused = e
+        else:
+            try:
+                check_replaceable(run.out_dir, overwrite=True)  # raises only for what is never replaced
+            except ArtifactError as e:
+                lock.release(run.out_dir)
+                refused = e
+    if ranks.broadcast_int(_REFUSED if refused else _GO, comm_device) == _REFUSED:
+        raise refused or ArtifactError(f"another run is writing {run.out_dir}; see rank 0's error message")
+    try:
+        return _extract_locked(config, run, ranks, t_start, device, comm_device)
+    finally:
+        if ranks.rank == 0:
+            lock.release(run.out_dir)
+
+
+def _extract_locked(config, run, ranks: Ranks, t_start: float, device, comm_device) -> EmbeddingStore:
     out_dir = run.out_dir
     work_dir = partial_dir(out_dir)
 
@@ -319,18 +359,18 @@ def _extract(config: ExtractConfig, run: ExtractRun, ranks: Ranks, t_start: floa
     t_loaded = time.perf_counter()
 
     # Rank 0 alone inspects and prepares the directories, then tells the others what it decided.
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
     decision, error = _GO, None
     if ranks.rank == 0:
         try:
-            if out_dir.exists() and _existing_store_fingerprint(out_dir) == digest:
+            if out_dir.is_dir() and _existing_store_fingerprint(out_dir) == digest:
                 decision = _DONE
             else:
-                if out_dir.exists() and not run.overwrite:
+                if os.path.lexists(out_dir) and not run.overwrite and is_artifact_dir(out_dir):
                     raise ArtifactError(
-                        f"{out_dir} already holds a different store (or other files); pass --overwrite to replace "
-                        f"it, or choose another --out"
+                        f"{out_dir} already holds a different store; pass --overwrite to replace it, or choose "
+                        f"another --out"
                     )
+                check_replaceable(out_dir, run.overwrite)  # a user's folder is never replaced
                 resumed = claim_partial(work_dir, fingerprint, restart=run.overwrite)
                 if resumed:
                     log.info("resuming the partial extraction in %s", work_dir)

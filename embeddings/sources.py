@@ -14,7 +14,12 @@ Rows are every regular file with an image extension (``images.IMAGE_EXTENSIONS``
 whether or not it decodes: a damaged file keeps its row so that extraction records it as skipped with
 the reason ``load`` gives. Regular files without an image extension are not rows; they are listed in
 ``ignored`` as ``{"id", "reason"}`` records (the shape of a store's ``skipped.json``). Hidden files and
-folders (names starting with ``.``) are passed over silently.
+folders (names starting with ``.``) are not read; each is listed in ``ignored`` too (a hidden folder once,
+with a trailing ``/``), so that every entry of the input is accounted for.
+
+Ids are the names as the file system gives them: a name that is not valid UTF-8 (bytes ``caf\\xe9.jpg``) keeps
+its bytes as Python's surrogate escapes (``os.fsdecode``), which ``os.fsencode`` turns back into the exact
+name, and which ``ids.json`` stores as JSON ``\\udcXX`` escapes. File lists are read the same way.
 
 A directory is an ``imagefolder`` when it holds no images itself and at least one sub-folder holds
 images; otherwise it is ``flat``. ``kind=`` overrides the guess.
@@ -31,7 +36,7 @@ from PIL import Image
 
 from embeddings.images import BadImage, is_image_path, load_rgb
 
-KINDS = ("digits", "imagefolder", "flat", "filelist")
+KINDS = ("digits", "imagefolder", "flat", "filelist", "idx", "imagenet")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -140,9 +145,15 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_files(top: Path) -> list[Path]:
-    """Every non-hidden regular file under ``top``, following links to folders but never in a loop."""
+HIDDEN_FILE = "hidden file (name starts with '.'); not read"
+HIDDEN_FOLDER = "hidden folder (name starts with '.'); its files were not read"
+
+
+def _walk_files(top: Path) -> tuple[list[Path], list[Path]]:
+    """Every non-hidden regular file under ``top``, following links to folders but never in a loop; and the
+    hidden files and folders passed over (a hidden folder once, not its contents)."""
     found: list[Path] = []
+    hidden: list[Path] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -150,14 +161,21 @@ def _walk_files(top: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
+        hidden += [Path(dirpath) / d for d in dirnames if _hidden(d)]
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         for name in filenames:
-            if _hidden(name):
-                continue
             path = Path(dirpath) / name
-            if path.is_file():
+            if _hidden(name):
+                hidden.append(path)
+            elif path.is_file():
                 found.append(path)
-    return found
+    return found, hidden
+
+
+def _hidden_record(path: Path, root: Path) -> dict:
+    if path.is_dir():
+        return {"id": _rel(path, root) + "/", "reason": HIDDEN_FOLDER}
+    return {"id": _rel(path, root), "reason": HIDDEN_FILE}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -174,19 +192,22 @@ def _not_image(rel: str) -> dict:
     return {"id": rel, "reason": f"not an image file (extension {suffix})"}
 
 
-def _top_level(root: Path) -> tuple[list[Path], list[Path]]:
-    entries = sorted(p for p in root.iterdir() if not _hidden(p.name))
-    return [p for p in entries if p.is_dir()], [p for p in entries if p.is_file()]
+def _top_level(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """The folders, files and hidden entries directly in ``root``."""
+    entries = sorted(root.iterdir())
+    visible = [p for p in entries if not _hidden(p.name)]
+    hidden = [p for p in entries if _hidden(p.name)]
+    return [p for p in visible if p.is_dir()], [p for p in visible if p.is_file()], hidden
 
 
 def guess_folder_kind(root: str | os.PathLike) -> str:
     """``"imagefolder"`` when ``root`` holds no images itself and a sub-folder holds some, else ``"flat"``."""
     root = Path(root)
-    dirs, files = _top_level(root)
+    dirs, files, _ = _top_level(root)
     if any(is_image_path(f) for f in files):
         return "flat"
     for d in dirs:
-        if any(is_image_path(f) for f in _walk_files(d)):
+        if any(is_image_path(f) for f in _walk_files(d)[0]):
             return "imagefolder"
     return "flat"
 
@@ -201,7 +222,9 @@ def _images_under(top: Path, root: Path) -> tuple[list[tuple[str, Path]], list[d
     """The image files under ``top`` as ``(id relative to root, path)`` in sorted order, and the other files as
     ignored records."""
     rows, ignored = [], []
-    for path in _walk_files(top):
+    files, hidden = _walk_files(top)
+    ignored += [_hidden_record(p, root) for p in hidden]
+    for path in files:
         rel = _rel(path, root)
         if is_image_path(path):
             rows.append((rel, path))
@@ -212,11 +235,12 @@ def _images_under(top: Path, root: Path) -> tuple[list[tuple[str, Path]], list[d
 
 
 def _image_folder(root: Path, seed: int, val_fraction: float, test_fraction: float, max_pixels) -> ImageSource:
-    dirs, files = _top_level(root)
+    dirs, files, hidden = _top_level(root)
     classes = [d.name for d in dirs]
     rows: list[tuple[str, Path]] = []
     label_list: list[int] = []
     ignored = [{"id": _rel(f, root), "reason": "outside the class folders"} for f in files]
+    ignored += [_hidden_record(p, root) for p in hidden]
     for label, d in enumerate(dirs):
         class_rows, class_ignored = _images_under(d, root)
         rows += class_rows
@@ -249,7 +273,7 @@ def _parse_txt(list_path: Path) -> list[tuple[str, str | None]]:
     with whitespace is split at its last whitespace into path and label.
     """
     entries = []
-    with open(list_path, encoding="utf-8-sig") as f:
+    with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
@@ -264,7 +288,7 @@ def _parse_txt(list_path: Path) -> list[tuple[str, str | None]]:
 
 def _parse_csv(list_path: Path) -> list[tuple[str, str | None]]:
     """Rows are ``path[,label]``; an optional header names the columns (``path`` required, ``label``)."""
-    with open(list_path, newline="", encoding="utf-8-sig") as f:
+    with open(list_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
         return []
@@ -371,6 +395,14 @@ def open_source(
 
         kwargs = {k: v for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)) if v is not None}
         return DigitsSource(seed=seed, **kwargs)
+    if kind == "idx":  # MNIST-format files (embeddings.idx), with the paper's split
+        from embeddings.idx import IdxSource
+
+        return IdxSource(spec_str, seed=seed, val_fraction=val_fraction)
+    if kind == "imagenet":  # train/ and val/ class folders (embeddings.imagenet), with the paper's split
+        from embeddings.imagenet import ImageNetSource
+
+        return ImageNetSource(spec_str, seed=seed, max_pixels=max_pixels)
     val_fraction = 0.0 if val_fraction is None else float(val_fraction)
     test_fraction = 0.0 if test_fraction is None else float(test_fraction)
     _check_fractions(val_fraction, test_fraction)

@@ -11,13 +11,18 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
       skipped.json     [{"id": ..., "reason": ...}] inputs that could not be read
       config.json      the ExtractConfig that produced the store
       meta.json        schema and package version, backbone, weights source and SHA-256,
-                       preprocessing, output kind, normalisation, dtype, n, d, content hash, timings
+                       preprocessing, output kind, normalisation, dtype, n, d, content hash (and the SHA-256
+                       of each data file), timings
+
+Opening checks what is cheap (file sizes against the ``.npy`` headers; ``n``, ``d``, dtype of ``meta.json``
+against the arrays); ``EmbeddingStore.verify`` rehashes every file against ``meta.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +32,7 @@ from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
     atomic_file,
-    begin_dir,
-    commit_dir,
+    building,
     package_version,
     read_json,
     sha256_file,
@@ -40,14 +44,52 @@ STORE_FILES = ("embeddings.npy", "labels.npy", "ids.json", "classes.json", "spli
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def content_hash(store_dir: str | os.PathLike) -> str:
+def file_hashes(store_dir: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of each of the store's data files, by name."""
+    return {name: sha256_file(Path(store_dir) / name) for name in STORE_FILES}
+
+
+def content_hash(store_dir: str | os.PathLike, hashes: dict[str, str] | None = None) -> str:
     """SHA-256 over the store's data files (not its meta), identifying its content for child artifacts."""
-    store_dir = Path(store_dir)
+    hashes = file_hashes(store_dir) if hashes is None else hashes
     h = hashlib.sha256()
     for name in STORE_FILES:
         h.update(name.encode())
-        h.update(sha256_file(store_dir / name).encode())
+        h.update(hashes[name].encode())
     return h.hexdigest()
+
+
+def _rebuild_hint(store_dir: Path) -> str:
+    return (
+        f"rebuild the store: rerun `python scripts/extract.py` with the settings in {store_dir / 'config.json'} "
+        f"and `--out {store_dir} --overwrite`"
+    )
+
+
+def check_npy(path: Path, store_dir: Path) -> None:
+    """Refuse an ``.npy`` file whose header is unreadable or whose size is not what its header describes (a
+    truncated copy, an interrupted transfer), naming the file instead of numpy's ``mmap length`` error."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise ArtifactError(
+            f"{path} is truncated or corrupt (unreadable header: {e}); {_rebuild_hint(store_dir)}"
+        ) from e
+    if dtype.hasobject:
+        raise ArtifactError(f"{path} holds Python objects, which a store never does; {_rebuild_hint(store_dir)}")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        state = "truncated" if size < expected else "corrupt"
+        raise ArtifactError(
+            f"{path} is {state}: {size} bytes where its header ({dtype} {tuple(shape)}) needs {expected}; "
+            f"{_rebuild_hint(store_dir)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,9 +133,33 @@ class EmbeddingStore:
             raise ArtifactError(f"store {self.store_dir} has no {name!r} split (it has {sorted(self.split)})")
         return np.asarray(self.x[self.split[name]])
 
+    def verify(self) -> None:
+        """Recompute the SHA-256 of every data file and refuse, naming the file, a store whose files or
+        ``meta.json`` changed after extraction. Reads every byte: stages that record the store as a parent call
+        it (``verify_store``); ``--no-verify`` skips it on stores too large to hash each time."""
+        hashes = file_hashes(self.store_dir)
+        recorded = self.meta.get("file_sha256")
+        if isinstance(recorded, dict):
+            for name in STORE_FILES:
+                if recorded.get(name) != hashes[name]:
+                    raise ArtifactError(
+                        f"{self.store_dir / name} does not match the SHA-256 recorded in "
+                        f"{self.store_dir / 'meta.json'}: it changed or was damaged after extraction; "
+                        f"{_rebuild_hint(self.store_dir)}"
+                    )
+        actual = content_hash(self.store_dir, hashes)
+        if self.meta.get("content_hash") != actual:
+            raise ArtifactError(
+                f"{self.store_dir / 'meta.json'} records content_hash {str(self.meta.get('content_hash'))[:16]}... but "
+                f"the store's files hash to {actual[:16]}...: meta.json or the data was edited or damaged; "
+                f"{_rebuild_hint(self.store_dir)}"
+            )
+
     @classmethod
-    def open(cls, store_dir: str | os.PathLike) -> "EmbeddingStore":
-        """Open a complete store; a missing, partial or newer-schema directory raises ``ArtifactError``."""
+    def open(cls, store_dir: str | os.PathLike, verify: bool = False) -> "EmbeddingStore":
+        """Open a complete store; a missing, partial, newer-schema or inconsistent directory raises
+        ``ArtifactError`` naming the file. The cheap checks always run (file sizes against the ``.npy`` headers,
+        ``n``, ``d`` and dtype of ``meta.json`` against the arrays); ``verify`` also checks every file's hash."""
         store_dir = Path(store_dir)
         if not store_dir.is_dir():
             raise ArtifactError(
@@ -108,17 +174,25 @@ class EmbeddingStore:
         for name in STORE_FILES:
             if not (store_dir / name).is_file():
                 raise ArtifactError(f"store {store_dir} is incomplete: {name} is missing; extract it again")
+        for name in ("embeddings.npy", "labels.npy"):
+            check_npy(store_dir / name, store_dir)
         x = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
         labels = np.load(store_dir / "labels.npy", allow_pickle=False)
         ids = read_json(store_dir / "ids.json")
         if x.ndim != 2 or labels.shape != (x.shape[0],) or len(ids) != x.shape[0]:
             raise ArtifactError(
                 f"store {store_dir} is inconsistent: embeddings {x.shape}, labels {labels.shape}, "
-                f"{len(ids)} ids; extract it again"
+                f"{len(ids)} ids; {_rebuild_hint(store_dir)}"
             )
-        with np.load(store_dir / "split.npz", allow_pickle=False) as z:
-            split = {k: z[k] for k in z.files}
-        return cls(
+        _check_meta(meta, x, store_dir)
+        try:
+            with np.load(store_dir / "split.npz", allow_pickle=False) as z:
+                split = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ArtifactError(
+                f"{store_dir / 'split.npz'} is truncated or corrupt ({e}); {_rebuild_hint(store_dir)}"
+            ) from e
+        store = cls(
             store_dir=store_dir,
             x=x,
             labels=labels,
@@ -129,6 +203,23 @@ class EmbeddingStore:
             meta=meta,
             config=read_json(store_dir / "config.json"),
         )
+        if verify:
+            store.verify()
+        return store
+
+
+def _check_meta(meta: dict, x: np.ndarray, store_dir: Path) -> None:
+    """``meta.json`` must describe the arrays it sits beside: a hand-edited or mismatched meta is refused."""
+    recorded = {"n": meta.get("n"), "d": meta.get("d"), "dtype": meta.get("dtype")}
+    actual = {"n": int(x.shape[0]), "d": int(x.shape[1]), "dtype": str(x.dtype)}
+    if recorded != actual:
+        diffs = ", ".join(f"{k}={recorded[k]}" for k in actual if recorded[k] != actual[k])
+        raise ArtifactError(
+            f"{store_dir / 'meta.json'} says {diffs} but embeddings.npy holds {actual['dtype']} "
+            f"({actual['n']}, {actual['d']}): meta.json or the data was edited; {_rebuild_hint(store_dir)}"
+        )
+    if not isinstance(meta.get("content_hash"), str):
+        raise ArtifactError(f"{store_dir / 'meta.json'} has no content_hash; {_rebuild_hint(store_dir)}")
 
 
 def finish_store(
@@ -172,7 +263,8 @@ def finish_store(
         "d": int(x.shape[1]),
         "dtype": str(x.dtype),
         "n_skipped": len(skipped),
-        "content_hash": content_hash(work_dir),
+        "file_sha256": (hashes := file_hashes(work_dir)),
+        "content_hash": content_hash(work_dir, hashes),
     }
     write_json(work_dir / "meta.json", meta)
     return meta
@@ -202,17 +294,16 @@ def write_store(
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise ValueError(f"embeddings hold NaN or Inf in rows {bad[:10].tolist()}")
     n = x.shape[0]
-    work = begin_dir(store_dir, overwrite)
-    write_npy(work / "embeddings.npy", x)
-    finish_store(
-        work,
-        labels=np.full(n, -1, dtype=np.int64) if labels is None else labels,
-        ids=[str(i) for i in range(n)] if ids is None else ids,
-        classes=[] if classes is None else classes,
-        split={} if split is None else split,
-        skipped=[] if skipped is None else skipped,
-        config={} if config is None else config,
-        meta={} if meta is None else meta,
-    )
-    commit_dir(work, store_dir, overwrite=overwrite)
+    with building(store_dir, overwrite) as work:
+        write_npy(work / "embeddings.npy", x)
+        finish_store(
+            work,
+            labels=np.full(n, -1, dtype=np.int64) if labels is None else labels,
+            ids=[str(i) for i in range(n)] if ids is None else ids,
+            classes=[] if classes is None else classes,
+            split={} if split is None else split,
+            skipped=[] if skipped is None else skipped,
+            config={} if config is None else config,
+            meta={} if meta is None else meta,
+        )
     return EmbeddingStore.open(store_dir)

@@ -5,7 +5,10 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
     SAE_DIR/
       sae.safetensors   W_enc (d, n), b_enc (n,), W_dec (n, d), b_dec (d,)
       config.json       d_in, n_latents, k, variant, the SAEConfig ("sae"), the training config ("train"),
-                        the parent store's content hash, final metrics
+                        the parent store's content hash and provenance (backbone, output kind,
+                        normalisation, preprocessing: ``sae.provenance``), final metrics
+      latent_frequency.npy  (n_latents,) float64 firing frequency of each latent (value > 0) on the rows
+                        named in config.json "latent_frequency" (held-out rows when there were any)
       meta.json         schema and package version, SHA-256 of sae.safetensors, parent store hash
       *.json            optional extra records written with it (e.g. the training history)
 """
@@ -17,12 +20,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from artifacts import (
     SCHEMA_VERSION,
+    write_npy,
     ArtifactError,
     begin_dir,
     commit_dir,
@@ -32,9 +37,12 @@ from artifacts import (
     write_json,
 )
 from sae.config import SAEConfig
+from sae.hub import resolve_sae_source
 from sae.model import TopKSAE
+from sae.provenance import PAPER_PROVENANCE
 
 WEIGHTS_FILE = "sae.safetensors"
+FREQUENCY_FILE = "latent_frequency.npy"
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -46,16 +54,29 @@ def save_sae(
     parent_store_hash: str | None = None,
     metrics: dict | None = None,
     extra_json: dict[str, Any] | None = None,
+    provenance: dict | None = None,
+    latent_frequency: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to ``sae_dir`` atomically; an existing directory is replaced only with ``overwrite``.
 
     ``extra_json`` maps file names (e.g. ``"history.json"``) to JSON-able objects written beside the weights.
+    ``provenance``: what the training data was (``sae.provenance``). ``latent_frequency``: ``{"frequency":
+    (n_latents,) array, "n_rows": int, "rows": str}``, written as ``latent_frequency.npy``.
     """
     work = begin_dir(sae_dir, overwrite)
     tensors = {name: getattr(model, name).detach().to("cpu").contiguous() for name in PARAM_NAMES}
     save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
     cfg = model.config
+    frequency_record = None
+    if latent_frequency is not None:
+        freq = np.asarray(latent_frequency["frequency"], dtype=np.float64)
+        if freq.shape != (cfg.n_latents,):
+            raise ValueError(f"latent_frequency must have shape ({cfg.n_latents},), got {freq.shape}")
+        write_npy(work / FREQUENCY_FILE, freq)
+        frequency_record = {
+            "file": FREQUENCY_FILE, "n_rows": int(latent_frequency["n_rows"]), "rows": latent_frequency.get("rows"),
+        }
     write_json(
         work / "config.json",
         {
@@ -66,6 +87,8 @@ def save_sae(
             "sae": cfg.to_dict(),
             "train": train_config,
             "parent_store_hash": parent_store_hash,
+            "provenance": provenance,
+            "latent_frequency": frequency_record,
             "metrics": metrics,
         },
     )
@@ -96,6 +119,17 @@ def read_sae_config(sae_dir: str | os.PathLike) -> SAEConfig:
         return SAEConfig.from_dict(config["sae"])
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{sae_dir / 'config.json'} does not hold a valid SAE config ({e})") from e
+
+
+def read_latent_frequency(sae_dir: str | os.PathLike) -> np.ndarray | None:
+    """The per-latent firing frequency ``(n_latents,)`` saved with an SAE, or ``None`` when it has none."""
+    path = Path(sae_dir) / FREQUENCY_FILE
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def read_provenance(sae_dir: str | os.PathLike) -> dict | None:
+    """What the SAE was trained on (``config.json`` "provenance"), or ``None`` when it does not say."""
+    return read_json(Path(sae_dir) / "config.json").get("provenance")
 
 
 def sae_hash(sae_dir: str | os.PathLike) -> str:
@@ -166,9 +200,12 @@ def import_paper_checkpoint(
     Accepts their torch file (``clip_sae_checkpoint.pt``: a dict with ``config`` and ``model_state_dict``
     holding ``W_enc (d, n)``, ``b_enc``, ``W_dec (n, d)``, ``b_dec``), read with ``weights_only=True``
     only, or a Hugging Face hub snapshot directory (``config.json`` + ``model.safetensors``, as written by
-    their ``PyTorchModelHubMixin``).
+    their ``PyTorchModelHubMixin``), or a hub id (``patrikwolf/clip-topk-sae``) or cache root
+    (``models--patrikwolf--clip-topk-sae/``) resolved in the local Hugging Face cache (``sae.hub``). The SAE
+    records the authors' training data as its provenance (OpenAI CLIP ViT-B/16, 512-d, L2-normalised) and,
+    when their file has ``feature_counts``, the per-latent firing frequency of their training.
     """
-    path = Path(path)
+    path = resolve_sae_source(path)
     if path.is_dir():
         config, state = _read_hub_snapshot(path)
     else:
@@ -201,7 +238,7 @@ def import_paper_checkpoint(
         {"W_enc": W_enc, "b_enc": state["b_enc"].float(), "W_dec": state["W_dec"].float(), "b_dec": b_dec.float()},
         str(path),
     )
-    metrics = None
+    metrics = frequency = None
     if isinstance(state.get("feature_counts"), torch.Tensor) and state["feature_counts"].numel() == n:
         counts = state["feature_counts"].double()
         total = float(state["total_samples"]) if "total_samples" in state else 0.0
@@ -209,8 +246,13 @@ def import_paper_checkpoint(
             "authors_total_samples": total,
             "authors_never_fired_fraction": float((counts == 0).double().mean()),
         }
+        if total > 0:
+            frequency = {"frequency": (counts / total).numpy(), "n_rows": int(total), "rows": "authors' training"}
     train_config = {"source": "authors' release", "source_file": path.name, "authors_config": _plain(config)}
-    return save_sae(model, sae_dir, train_config=train_config, metrics=metrics, overwrite=overwrite)
+    return save_sae(
+        model, sae_dir, train_config=train_config, metrics=metrics, provenance=dict(PAPER_PROVENANCE),
+        latent_frequency=frequency, overwrite=overwrite,
+    )
 
 
 def _read_torch_checkpoint(path: Path) -> tuple[dict, dict]:

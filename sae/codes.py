@@ -7,6 +7,7 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
       values.npy       (n, k) float32 code values (>= 0 for "topk"; may be negative for "paper")
       inv_indptr.npy   (n_latents + 1,) int64   CSR pointers of the inverted lists
       inv_rows.npy     (n * k,) int64           rows where each latent is selected, ascending per latent
+      latent_frequency.npy (n_latents,) float64 fraction of rows on which each latent fires (value > 0)
       config.json      the SAE config and the encoding settings
       meta.json        schema and package version, parents (SAE and store hashes), n, k, n_latents,
                        firing-frequency summary
@@ -15,7 +16,6 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from artifacts import SCHEMA_VERSION, ArtifactError, begin_dir, commit_dir, package_version, read_json, write_json
+from artifacts import (
+    SCHEMA_VERSION, ArtifactError, abandon_dir, begin_dir, commit_dir, package_version, read_json, write_json,
+)
 from sae.checkpoint import check_compatible
 from sae.metrics import code_metrics, iter_batches
 from sae.model import TopKSAE
@@ -140,6 +142,7 @@ def encode_array(
         indices = open_memmap(work / "indices.npy", mode="w+", dtype=np.int32, shape=(n, k))
         values = open_memmap(work / "values.npy", mode="w+", dtype=np.float32, shape=(n, k))
         counts = np.zeros(n_latents, dtype=np.int64)
+        fired = np.zeros(n_latents, dtype=np.int64)  # selected with value > 0 (counts includes zero values)
         bad_rows: list[int] = []
         n_bad = 0
         was_training = model.training
@@ -159,6 +162,7 @@ def encode_array(
                 values[start : start + len(i_np)] = v.float().cpu().numpy()
                 indices[start : start + len(i_np)] = i_np
                 counts += np.bincount(i_np.ravel(), minlength=n_latents)
+                fired += np.bincount(i_np[(v > 0).cpu().numpy()], minlength=n_latents)
         finally:
             model.train(was_training)
         if n_bad:
@@ -172,6 +176,7 @@ def encode_array(
         inv_rows = open_memmap(work / "inv_rows.npy", mode="w+", dtype=np.int64, shape=(n * k,))
         _fill_inverted_lists(indices, indptr, inv_rows, batch_size)
         np.save(work / "inv_indptr.npy", indptr, allow_pickle=False)
+        np.save(work / "latent_frequency.npy", fired / max(n, 1), allow_pickle=False)
         summary = code_metrics(values, indices, n_latents) if n else {}
         indices.flush(), values.flush(), inv_rows.flush()
         del indices, values, inv_rows
@@ -194,7 +199,7 @@ def encode_array(
             },
         )
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        abandon_dir(out_dir)  # deletes the partial directory and releases the lock of out_dir
         raise
     commit_dir(work, out_dir, overwrite=overwrite)
     return CodeStore.open(out_dir)

@@ -1,15 +1,17 @@
 """Encode every row of an embedding store into a CodeStore with a trained SAE.
 
     python scripts/encode.py --store STORE_DIR --sae SAE_DIR --out CODES_DIR [--batch-size 4096] [--device cpu]
+
+The store's files are checked against the content hash its meta.json records (the codes record it as their
+parent); ``--no-verify`` skips that full read on stores too large to hash each time.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from analysis.stages import encode_store
-from artifacts import ArtifactError
+from artifacts.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,15 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="codes directory to write (CODES_DIR)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at a time")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing CODES_DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing CODES_DIR (an artifact)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the content-hash check of STORE_DIR (huge stores; the cheap size checks still run)")
     args = parser.parse_args(argv)
-    try:
-        codes = encode_store(
-            args.store, args.sae, args.out, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite
-        )
-    except (ArtifactError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    codes = encode_store(
+        args.store, args.sae, args.out, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+        verify_store=not args.no_verify,
+    )
     firing = codes.meta["firing"]
     print(
         f"wrote {codes.n} codes (k={codes.k}, {codes.n_latents} latents, "
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

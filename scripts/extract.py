@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
+
+from artifacts.cli import run_main
 
 DTYPES = ("float32", "float16")
 
@@ -40,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per resumable chunk (a multiple of --batch-size)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a different store at --out, or a partial extraction made with other settings")
+                   help="replace a different store at --out (only ever an artifact of this toolkit), or a partial "
+                        "extraction made with other settings")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -51,12 +53,12 @@ def main(argv=None) -> int:
     backbone = args.backbone
     if backbone is None:
         if args.source != "digits":
-            sys.exit("--backbone is required for image folders and file lists (e.g. --backbone resnet50)")
+            raise ValueError("--backbone is required for image folders and file lists (e.g. --backbone resnet50)")
         backbone = "digits-cnn"
     weights = args.weights
     if weights is None:
         if backbone == "digits-cnn":
-            sys.exit(
+            raise ValueError(
                 "the digits CNN needs trained weights: run `python scripts/train_backbone.py --out CNN_DIR` first "
                 "and pass --weights CNN_DIR (or pass --weights random for an untrained CNN)"
             )
@@ -86,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -5,7 +5,9 @@
                                 [--device cpu|cuda] [--bf16] [--resume] [--overwrite] ...
 
 Multi-process: ``torchrun --nproc_per_node=N scripts/train_sae.py ...`` (same flags; the global batch is
-split across processes). After an interruption, run the same command with ``--resume``.
+split across processes). After an interruption, run the same command with ``--resume``; a finished run
+rerun with ``--resume`` reports the complete SAE (when its settings match) and clears any leftovers. The store
+is checked against its recorded content hash first (``--no-verify`` skips that on huge stores).
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 from analysis.stages import sae_config_for_store, train_sae_on_store
-from artifacts import ArtifactError
+from artifacts.cli import run_main
 from embeddings.store import EmbeddingStore
 from sae.batches import choose_rows
 from sae.train import RunConfig, TrainConfig
@@ -58,39 +59,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=0, help="held-out evaluation every this many steps (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint and replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a checkpoint and replace an existing --out (only ever an artifact of this toolkit)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the content-hash check of --store (huge stores; the cheap size checks still run)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        store = EmbeddingStore.open(args.store)
-        config = TrainConfig(
-            batch_size=args.batch_size, lr=args.lr, n_steps=args.steps, n_epochs=args.epochs,
-            lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, k_start=args.k_start,
-            k_anneal_steps=args.k_anneal_steps, dead_window_samples=args.dead_window,
-            dead_threshold=args.dead_threshold, grad_clip=args.grad_clip,
-            bias_init=args.bias_init, seed=args.seed, bf16=args.bf16,
-        )
-        run = RunConfig(
-            device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-            progress=not args.no_progress, n_threads=args.threads, val_every=args.val_every,
-        )
-        train_rows, _, _ = choose_rows(store.n, store.split, args.split, seed=args.seed)
-        sae_config = sae_config_for_store(
-            store.d, train_rows.size, n_latents=args.n_latents, expansion=args.expansion, k=args.k,
-            variant=args.variant,
-        )
-        result, heldout_name = train_sae_on_store(
-            store, args.out, sae_config, config, run, split=args.split, resume=args.resume,
-            overwrite=args.overwrite,
-        )
-    except (ArtifactError, ValueError) as e:
-        print(f"train_sae.py: error: {e}", file=sys.stderr)
-        return 2
+    store = EmbeddingStore.open(args.store)
+    config = TrainConfig(
+        batch_size=args.batch_size, lr=args.lr, n_steps=args.steps, n_epochs=args.epochs,
+        lr_warmup_steps=args.lr_warmup_steps, lr_decay=args.lr_decay, k_start=args.k_start,
+        k_anneal_steps=args.k_anneal_steps, dead_window_samples=args.dead_window,
+        dead_threshold=args.dead_threshold, grad_clip=args.grad_clip,
+        bias_init=args.bias_init, seed=args.seed, bf16=args.bf16,
+    )
+    run = RunConfig(
+        device=args.device, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        progress=not args.no_progress, n_threads=args.threads, val_every=args.val_every,
+    )
+    train_rows, _, _ = choose_rows(store.n, store.split, args.split, seed=args.seed)
+    sae_config = sae_config_for_store(
+        store.d, train_rows.size, n_latents=args.n_latents, expansion=args.expansion, k=args.k,
+        variant=args.variant,
+    )
+    result, heldout_name = train_sae_on_store(
+        store, args.out, sae_config, config, run, split=args.split, resume=args.resume,
+        overwrite=args.overwrite, verify_store=not args.no_verify,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"SAE ({sae_config.n_latents} latents, k={sae_config.k}, {sae_config.variant}) written to {result.out_dir}")
+        if result.already_complete:
+            print(f"{result.out_dir} is already complete (same settings): nothing to train; leftovers removed")
+        else:
+            shape = f"{sae_config.n_latents} latents, k={sae_config.k}, {sae_config.variant}"
+            print(f"SAE ({shape}) written to {result.out_dir}")
         print(f"trained on {train_rows.size} rows; held-out metrics on {heldout_name}:")
         heldout = {k: v for k, v in result.metrics.get("heldout", {}).items() if not isinstance(v, dict)}
         print(json.dumps({"heldout": heldout, "train": result.metrics.get("train", {})}, indent=2, sort_keys=True))
@@ -98,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,72 +1,113 @@
-"""The default digits run end to end: every stage's artifact, the summary, and reuse on a rerun."""
+"""The stage cache: reuse on a rerun, a changed setting reruns exactly its dependents and says why, resume."""
 
 import json
 
-import numpy as np
 import pytest
 
-from analysis.pipeline import DigitsRunConfig, run_digits
-from analysis.stages import encode_store, sae_config_for_store
-from embeddings.digits import digits_split, load_digits_images
-from embeddings.store import EmbeddingStore
-from sae.checkpoint import load_sae
-from sae.codes import CodeStore
-
-SMALL = DigitsRunConfig(cnn_width=2, cnn_epochs=2, sae_epochs=3)
+from analysis.pipeline import Stage, StageCache, stage_key
+from artifacts import partial_dir
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("digits")
-    return out_dir, run_digits(out_dir, SMALL)
+def _chain(calls: list, a: int = 1, b: int = 2, c: int = 3):
+    """Three toy stages a → b → c (and d independent); each records its call and writes its settings."""
+
+    def make(name):
+        def run(out_dir, parents):
+            calls.append(name)
+            out_dir.mkdir()
+            total = sum(p.result["total"] for p in parents.values())
+            (out_dir / "value.json").write_text(json.dumps(total))
+            return {"total": total + {"a": a, "b": b, "c": c, "d": 0}[name]}
+        return run
+
+    return [Stage("a", {"a": a}, make("a")), Stage("b", {"b": b}, make("b"), parents=("a",)),
+            Stage("c", {"c": c}, make("c"), parents=("b",)), Stage("d", {}, make("d"))]
 
 
-def test_every_stage_writes_a_loadable_artifact(digits_run):
-    out_dir, summary = digits_run
-    store = EmbeddingStore.open(out_dir / "store")
-    assert store.n == 1797 and store.d == 2 * 25
-    sae = load_sae(out_dir / "sae")
-    assert sae.config.d_in == store.d
-    codes = CodeStore.open(out_dir / "codes")
-    assert codes.n == store.n and codes.k == sae.config.k
-    assert json.loads((out_dir / "summary.json").read_text()) == summary
-    assert summary["store"]["content_hash"] == store.content_hash
-    assert 0.0 <= summary["sae"]["heldout"]["fvu"] < 1.0
+def _run(run_dir, calls, log, **settings):
+    cache = StageCache(run_dir, log.append)
+    for stage in _chain(calls, **settings):
+        cache.run(stage)
+    return cache
 
 
-def test_store_split_is_the_split_the_backbone_was_trained_on(digits_run):
-    out_dir, _ = digits_run
-    store = EmbeddingStore.open(out_dir / "store")
-    _, labels = load_digits_images()
-    expected = digits_split(labels, seed=SMALL.seed)
-    for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(np.sort(store.split[name]), np.sort(expected[name]))
-    np.testing.assert_array_equal(store.labels, labels)
+def test_rerun_reuses_every_stage(tmp_path):
+    calls, log = [], []
+    first = _run(tmp_path, calls, log)
+    assert calls == ["a", "b", "c", "d"] and first.results["c"].result == {"total": 6}
+    calls.clear()
+    again = _run(tmp_path, calls, log)
+    assert calls == []
+    assert all(r.reused for r in again.results.values())
+    assert again.results["c"].key == first.results["c"].key
 
 
-def test_rerun_reuses_completed_stages(digits_run):
-    out_dir, summary = digits_run
-    weights = out_dir / "sae" / "sae.safetensors"
-    before = weights.stat().st_mtime_ns
-    again = run_digits(out_dir, SMALL)
-    assert weights.stat().st_mtime_ns == before
-    assert again["store"]["content_hash"] == summary["store"]["content_hash"]
-    assert again["sae"] == summary["sae"]
+def test_changed_setting_reruns_exactly_its_dependents_and_says_which(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    calls.clear(), log.clear()
+    cache = _run(tmp_path, calls, log, b=5)
+    assert calls == ["b", "c"]  # a and d do not depend on b
+    assert cache.results["c"].result == {"total": 9}
+    assert any(line.startswith("b: settings changed (b: recorded 2, requested 5)") for line in log)
+    assert any(line.startswith("c: settings changed (input 'b' changed)") for line in log)
+    assert cache.results["a"].reused and cache.results["d"].reused
 
 
-def test_encode_store_refuses_an_sae_of_another_width(digits_run, tmp_path):
-    out_dir, _ = digits_run
-    from sae.checkpoint import save_sae
-    from sae.model import TopKSAE
-
-    other = tmp_path / "other_sae"
-    save_sae(TopKSAE(sae_config_for_store(7, n_latents=16, k=2)), other, train_config=None,
-             parent_store_hash=None, metrics=None)
-    with pytest.raises(Exception, match="7"):
-        encode_store(out_dir / "store", other, tmp_path / "codes")
-    assert not (tmp_path / "codes").exists()
+def test_changed_root_setting_reruns_the_whole_chain(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    calls.clear()
+    _run(tmp_path, calls, log, a=7)
+    assert calls == ["a", "b", "c"]
 
 
-def test_config_validation_names_the_flag():
-    with pytest.raises(ValueError, match="--sae-epochs"):
-        DigitsRunConfig(sae_epochs=0)
+def test_a_stage_directory_without_its_record_is_rebuilt(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    (tmp_path / "stages" / "b.json").unlink()  # as if killed between the directory and its record
+    calls.clear(), log.clear()
+    _run(tmp_path, calls, log)
+    assert calls == ["b"]
+    assert any("no completion record" in line for line in log)
+
+
+def test_a_missing_directory_is_rebuilt(tmp_path):
+    import shutil
+
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    shutil.rmtree(tmp_path / "c")
+    calls.clear()
+    _run(tmp_path, calls, log)
+    assert calls == ["c"]
+
+
+def test_partial_directory_is_kept_for_the_same_key_and_cleared_for_another(tmp_path):
+    seen = []
+
+    def run(out_dir, parents):
+        seen.append(partial_dir(out_dir).exists())
+        partial_dir(out_dir).mkdir(exist_ok=True)  # a resumable stage's checkpoint
+        raise KeyboardInterrupt  # killed mid-way
+
+    cache = StageCache(tmp_path, lambda _: None)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            cache.run(Stage("s", {"x": 1}, run))
+    assert seen == [False, True]  # the second attempt finds its own partial directory
+    with pytest.raises(KeyboardInterrupt):
+        cache.run(Stage("s", {"x": 2}, run))
+    assert seen[-1] is False  # another setting: the old partial work is cleared
+
+
+def test_key_depends_on_settings_parents_and_version():
+    base = stage_key("s", 1, {"x": 1}, {"p": "k"})
+    assert base == stage_key("s", 1, {"x": 1}, {"p": "k"})
+    assert len({base, stage_key("s", 2, {"x": 1}, {"p": "k"}), stage_key("s", 1, {"x": 2}, {"p": "k"}),
+                stage_key("s", 1, {"x": 1}, {"p": "j"})}) == 4
+
+
+def test_a_stage_must_run_after_its_parents(tmp_path):
+    with pytest.raises(ValueError, match="needs"):
+        StageCache(tmp_path).run(Stage("b", {}, lambda o, p: {}, parents=("a",)))

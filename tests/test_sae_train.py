@@ -253,8 +253,15 @@ def test_plan_defaults_scale_with_data_and_match_the_paper_at_scale():
     assert paper.n_steps == 100 * 301 and paper.k_anneal_steps == 10_000 and paper.lr_warmup_steps == 5000
     assert paper.dead_window_samples == 1_231_167
     small = TrainConfig(n_steps=300).plan(1000, SAEConfig(64, 512, 4))
-    assert small.batch_size == 128 and small.k_anneal_steps == 100 and small.lr_warmup_steps == 50
+    # A run of 38k samples is 0.03% of the paper's: no k annealing or warm-up to speak of.
+    assert small.batch_size == 128 and small.k_anneal_steps == 0 and small.lr_warmup_steps == 0
     assert small.k_start == 32 and small.dead_window_samples == 1000
+    # A tenth of the paper's run in samples: a tenth of its fractions (a third, a sixth) of the steps.
+    tenth = TrainConfig(n_steps=3010, batch_size=4096).plan(1_231_167, SAEConfig(512, 4096, 16))
+    assert tenth.k_anneal_steps == 100 and tenth.lr_warmup_steps == 50
+    long = TrainConfig(n_steps=60_000, batch_size=4096).plan(1_231_167, SAEConfig(512, 4096, 16))
+    assert long.k_anneal_steps == 10_000 and long.lr_warmup_steps == 5000  # capped at the paper's samples
+    assert TrainConfig(k_anneal_steps=7, lr_warmup_steps=3).plan(1000, SAEConfig(64, 512, 4)).k_anneal_steps == 7
     assert TrainConfig(n_epochs=2.0, batch_size=100).plan(1000, SAEConfig(8, 16, 2)).n_steps == 20
 
 
@@ -300,7 +307,7 @@ def test_k_anneals_from_k_start_to_k():
 def test_training_reduces_fvu_and_writes_a_loadable_sae(tmp_path):
     x = blobs()
     result = train_sae(
-        x, tmp_path / "sae", SAEConfig(16, 64, 4), TrainConfig(n_steps=60, batch_size=64), QUIET,
+        x, tmp_path / "sae", SAEConfig(16, 64, 4), TrainConfig(n_steps=60, batch_size=64, k_anneal_steps=20), QUIET,
         train_rows=np.arange(350), heldout_rows=np.arange(350, 400), parent_store_hash="abc",
     )
     hist = result.history
@@ -431,6 +438,9 @@ def test_script_names_nan_rows_of_a_store(tmp_path, capsys):
     del emb
     code, _, err = run_script("--store", str(store.store_dir), "--out", str(tmp_path / "sae"), "--steps", "3",
                               "--no-progress", capsys=capsys)
+    assert code == 2 and "embeddings.npy does not match the SHA-256" in err  # the hash check sees it first
+    code, _, err = run_script("--store", str(store.store_dir), "--out", str(tmp_path / "sae"), "--steps", "3",
+                              "--no-progress", "--no-verify", capsys=capsys)
     assert code == 2 and "NaN or Inf in 1 rows: [13]" in err
 
 

@@ -51,13 +51,15 @@ def test_image_folder_labels_classes_ids(tmp_path):
     assert src.labels.dtype == np.int64 and src.labels.tolist() == [0, 0, 1]
     assert [_first_pixel(src, i)[0] for i in range(3)] == [10, 20, 30]
     assert src.ignored == [
+        {"id": ".hidden/", "reason": "hidden folder (name starts with '.'); its files were not read"},
+        {"id": "cat/.DS_Store", "reason": "hidden file (name starts with '.'); not read"},
         {"id": "dog/readme.txt", "reason": "not an image file (extension .txt)"},
         {"id": "notes.txt", "reason": "outside the class folders"},
     ]
     assert src.split == {}
     desc = src.describe()
     json.dumps(desc)
-    assert desc["kind"] == "imagefolder" and desc["n"] == 3 and desc["n_classes"] == 3 and desc["n_ignored"] == 2
+    assert desc["kind"] == "imagefolder" and desc["n"] == 3 and desc["n_classes"] == 3 and desc["n_ignored"] == 4
 
 
 def test_class_order_is_by_folder_name_then_path(tmp_path):

@@ -1,0 +1,133 @@
+"""The study stages of a run: concepts, TTT, the width sweep, the theory simulation, as cache entries.
+
+Each stage calls its study (``analysis.sharing.concept_study``, ``analysis.ttt_study.ttt_study``,
+``analysis.scaling.width_sweep``, ``analysis.theory.theory_study``) into a fresh directory, writes the returned
+numbers to ``result.json`` beside the study's plots, and keeps them in the stage record as ``metrics``. When a
+study is not in the tree, ``missing_reason`` says so, and the preset reports the section as missing: never a
+number in its place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import shutil
+import typing
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+
+from analysis.image_chain import data_images, open_chain
+from analysis.pipeline import Stage, resume_dir
+from artifacts import building, write_json
+
+STUDIES = {
+    "concepts": ("analysis.sharing", "concept_study"),
+    "ttt": ("analysis.ttt_study", "ttt_study"),
+    "theory": ("analysis.theory", "theory_study"),
+}
+"""Stage name -> (module, function) of the studies written beside this one."""
+
+
+def study_function(name: str):
+    """The study function of stage ``name``, or a string saying why it is not available."""
+    module_name, func_name = STUDIES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        return f"{module_name.replace('.', '/')}.py is not in this tree ({e})"
+    func = getattr(module, func_name, None)
+    if func is None:
+        return f"{module_name.replace('.', '/')}.py has no {func_name}() yet"
+    return func
+
+
+def study_config(func, overrides: dict):
+    """The study's own config (the dataclass its ``config`` parameter is annotated with), with ``overrides`` for
+    the fields it has; a plain dict when the study takes none."""
+    try:
+        hint = typing.get_type_hints(func).get("config")
+    except Exception:  # an annotation that does not resolve: fall back to a dict
+        hint = None
+    for cls in (hint, *typing.get_args(hint)):
+        if isinstance(cls, type) and is_dataclass(cls):
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in overrides.items() if k in known})
+    return dict(overrides)
+
+
+def _jsonable_config(config) -> dict:
+    return asdict(config) if is_dataclass(config) else dict(config)
+
+
+def _relative_plots(result: dict, work: Path, final: Path) -> dict:
+    plots = {}
+    for key, path in (result.get("plots") or {}).items():
+        p = Path(path)
+        try:
+            plots[key] = p.relative_to(work).as_posix() if p.is_absolute() else p.as_posix()
+        except ValueError:
+            plots[key] = str(p)
+    return plots
+
+
+def _finish(result: dict, work: Path, out_dir: Path) -> dict:
+    plots = _relative_plots(result, work, out_dir)
+    metrics = {k: v for k, v in result.items() if k != "plots"}
+    write_json(work / "result.json", {"metrics": metrics, "plots": plots})
+    return {"metrics": metrics, "plots": plots}
+
+
+def chain_study_stage(name: str, overrides: dict, device: str):
+    """A study over the store, SAE and codes (``concepts`` or ``ttt``), or the reason it is missing."""
+    func = study_function(name)
+    if isinstance(func, str):
+        return func
+    config = study_config(func, {**overrides, "device": device})
+
+    resumable = "cache_dir" in inspect.signature(func).parameters
+
+    def run(out_dir: Path, done: dict) -> dict:
+        store, sae, codes = open_chain(done, device)
+        # A study that checkpoints (the TTT evaluation) keeps its chunks beside the stage's partial directory, so
+        # a killed run resumes them; the cache clears them when the stage's key changes.
+        extra = {"cache_dir": resume_dir(out_dir)} if resumable else {}
+        with building(out_dir) as work:
+            result = func(store, sae, codes, config, work, **extra)
+            finished = _finish(result, work, out_dir)
+        if extra:
+            shutil.rmtree(extra["cache_dir"], ignore_errors=True)
+        return finished
+
+    return Stage(name, _jsonable_config(config), run, parents=("store", "sae", "codes"))
+
+
+def theory_stage(overrides: dict):
+    """The theory simulation, or the reason it is missing."""
+    func = study_function("theory")
+    if isinstance(func, str):
+        return func
+    config = study_config(func, overrides)
+
+    def run(out_dir: Path, done: dict) -> dict:
+        with building(out_dir) as work:
+            return _finish(func(config, work), work, out_dir)
+
+    return Stage("theory", _jsonable_config(config), run)
+
+
+def width_stage(data: dict, config, device: str, log=print):
+    """The backbone-width sweep over the CNN family, or the reason it can't run (it needs ``analysis.ttt``)."""
+    try:
+        importlib.import_module("analysis.ttt").LocalTTT  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        return f"the width sweep needs analysis/ttt.py LocalTTT, which is not in this tree ({e})"
+    from analysis.scaling import width_sweep
+
+    def run(out_dir: Path, done: dict) -> dict:
+        images, labels, split = data_images(data)
+        with building(out_dir) as work:
+            result = width_sweep(images, labels, split, config, device=device, log=log)
+            write_json(work / "result.json", result)
+        return {"metrics": {"sweeps": {"width": result["rows"]}}}
+
+    return Stage("width", {"data": data, **asdict(config)}, run, version=2)

@@ -1,0 +1,117 @@
+"""Local test-time training on a store: global head vs TTT vs kNN majority, locality, sweeps, and with an SAE
+and its codes the concept masks (O2) and the dense-vs-sparse agreement (O3).
+
+    python scripts/ttt.py --store STORE_DIR --out RESULTS_DIR [--sae SAE_DIR --codes CODES_DIR]
+        [--n-neighbours 50] [--steps 50] [--lr 0.01] [--impl exact|fast|reference] [--device cpu] ...
+    torchrun --nproc_per_node=2 scripts/ttt.py --store STORE_DIR --out RESULTS_DIR     # queries split by rank
+
+Writes RESULTS_DIR/results.json (every number with its standard error and n), PNG plots, config.json,
+meta.json and chunks/ (per-query predictions, neighbours, losses). A killed run, started again with the same
+command, continues with the queries not yet done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+from analysis.ttt_study import TTTStudyConfig, ttt_study
+from artifacts import (
+    SCHEMA_VERSION, ArtifactError, commit_dir, package_version, partial_dir, write_json,
+)
+from artifacts.cli import run_main
+from artifacts.ranks import Ranks, resolve_device
+from embeddings.store import EmbeddingStore
+from sae.checkpoint import load_sae, sae_hash
+from sae.codes import CodeStore
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(TTTStudyConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return {"type": args[0], "nargs": "+"}
+    return {"type": args[0] if args else hint}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="embedding store directory (STORE_DIR)")
+    parser.add_argument("--out", required=True, help="results directory (RESULTS_DIR)")
+    parser.add_argument("--sae", help="SAE directory: adds the mask and agreement analyses (needs --codes)")
+    parser.add_argument("--codes", help="codes of the store made with --sae (scripts/encode.py)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete RESULTS_DIR")
+    for f in dataclasses.fields(TTTStudyConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f"default {f.default}",
+                            **_flag_type(f))
+    return parser.parse_args(argv)
+
+
+def _config(args: argparse.Namespace, device: str) -> TTTStudyConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TTTStudyConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return TTTStudyConfig(**{**values, "device": device})
+
+
+def _relative(plots: dict, work: Path) -> dict:
+    return {k: Path(v).relative_to(work).as_posix() for k, v in plots.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if (args.sae is None) != (args.codes is None):
+        raise ValueError("--sae and --codes go together (the mask and agreement analyses need both)")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    ranks = Ranks.from_env(args.device)
+    config = _config(args, str(resolve_device(args.device, ranks)))
+    store = EmbeddingStore.open(args.store)
+    sae = load_sae(args.sae, device=config.device) if args.sae else None
+    codes = CodeStore.open(args.codes) if args.codes else None
+    work = partial_dir(out)
+    if ranks.is_main:
+        work.mkdir(parents=True, exist_ok=True)   # kept across kills: its chunks/ are the finished queries
+    ranks.barrier()
+    log = print if ranks.is_main else None
+    report = ttt_study(store, sae, codes, config, work, cache_dir=work / "chunks", ranks=ranks, log=log)
+    if ranks.is_main:
+        report["plots"] = _relative(report["plots"], work)
+        write_json(work / "results.json", report)
+        write_json(work / "config.json", {"study": dataclasses.asdict(config), "store": str(args.store),
+                                          "sae": args.sae, "codes": args.codes})
+        write_json(work / "meta.json", {
+            "kind": "ttt", "schema_version": SCHEMA_VERSION, "package_version": package_version(),
+            "parents": {"store": store.content_hash, "sae": sae_hash(args.sae) if args.sae else None,
+                        "codes": codes.meta.get("content_hash") if codes else None},
+            "world_size": ranks.world_size})
+        commit_dir(work, out, overwrite=args.overwrite)
+        _print_summary(report, out)
+    ranks.close()
+    return 0
+
+
+def _fmt(m: dict) -> str:
+    return f"{m['value']:.4f} ± {m['se'] or 0:.4f} (n={m['n']})"
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    t = report["ttt"]
+    print(f"global head   {_fmt(t['global_acc'])}")
+    print(f"local TTT     {_fmt(t['ttt_acc'])}   gain {_fmt(t['gain'])}")
+    print(f"kNN majority  {_fmt(t['majority_acc'])}")
+    loc = t["locality"]
+    print(f"locality      own neighbourhood {_fmt(loc['own_neighbourhood_acc'])}, "
+          f"whole test set {_fmt(loc['whole_test_acc'])}")
+    if "masks" in report:
+        for kind, m in report["masks"].items():
+            print(f"mask {kind:8s} acc {_fmt(m['acc'])}, concepts kept {m['kept']['value']:.1f} "
+                  f"of {m['union']['value']:.1f}")
+        print(f"dense vs sparse agreement {_fmt(t['dense_sparse_agreement'])}")
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,244 @@
+"""The presets end to end on tiny settings: the digits run and its report, reuse, a changed setting, the CLI,
+the mnist preset on IDX files the test writes, and the imagenet-clip preset on a tiny folder (slow)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis.presets import preset_config, reproduce
+from embeddings.store import EmbeddingStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(cnn_width=1, cnn_epochs=1, sae_epochs=2.0, sae_n_latents=16, sae_k=2, n_neighbours=10, widths=(1, 2),
+            study={"umap": False, "probe_epochs": 3, "n_queries": 30, "n_bootstrap": 5, "steps": 5, "head_epochs": 5,
+                   "n_mask_queries": 20, "n_locality_queries": 10, "locality_rows": 100, "sweep_neighbours": (2, 5),
+                   "sweep_train_fractions": (0.5, 1.0), "n_sweep_queries": 30})
+SECTION_METRICS = {
+    "concepts": ["downstream.acc_raw", "downstream.acc_recon", "downstream.acc_codes", "sharing.union_concepts_mean",
+                 "sharing.union_concepts_random", "sharing.o1_distance"],
+    "ttt": ["ttt.global_acc", "ttt.ttt_acc", "ttt.majority_acc"],
+}
+
+
+def _lookup(report, path):
+    node = report
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    log = []
+    report = reproduce("digits", out, log=log.append, **TINY)
+    return out, report, log
+
+
+def test_digits_report_files_and_schema(digits_run):
+    out, report, _ = digits_run
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "report.html").stat().st_size > 1000
+    assert report["schema"] == "ttt-concepts-report/1" and report["preset"] == "digits"
+    for key in ("fvu", "dead_fraction"):
+        m = report["sae"][key]
+        assert m["n"] > 0 and m["se"] is not None and m["stage"] == "codes"
+    assert set(report["timings"]) >= {"backbone", "store", "sae", "codes", "report", "total_s"}
+    assert all(s["status"] in ("ok", "missing") for s in report["sections"].values()), report["sections"]
+
+
+def test_every_section_reports_its_numbers_or_says_why_not(digits_run):
+    out, report, _ = digits_run
+    for section, metrics in SECTION_METRICS.items():
+        status = report["sections"][section]
+        for path in metrics:
+            value = _lookup(report, path)
+            if status["status"] == "ok":
+                assert value is not None and "value" in value and "se" in value and "n" in value, path
+            else:
+                assert value is None and status["reason"], path
+    if report["sections"]["width"]["status"] == "ok":
+        rows = report["sweeps"]["width"]
+        assert [r["width"] for r in rows] == [1, 2] and all("gain" in r for r in rows)
+        assert report["plots"]["report.width"] == "report/width.png" and (out / "report" / "width.png").is_file()
+
+
+def test_gallery_and_cards_come_from_the_codes(digits_run):
+    out, report, _ = digits_run
+    concepts = report["gallery"]["concepts"]
+    assert concepts and all(c["description"] for c in concepts)
+    assert all((out / "report" / p).is_file() for c in concepts for p in c["images"] if p)
+    cards = report["cards"]["cards"]
+    assert len(cards) == 6 and all(len(c["neighbours"]) == 8 for c in cards)
+    store = EmbeddingStore.open(out / "store")
+    assert all(c["row"] in set(store.split["test"].tolist()) for c in cards)
+
+
+def test_rerun_reuses_every_stage(digits_run):
+    out, report, _ = digits_run
+    log = []
+    again = reproduce("digits", out, log=log.append, **TINY)
+    ran = [r for r in again["timings"] if isinstance(again["timings"][r], dict) and r != "report"]
+    assert ran and all(again["timings"][r]["reused"] for r in ran)
+    assert sum("reusing" in line for line in log) == len(ran)
+    assert again["sae"]["fvu"] == report["sae"]["fvu"]
+
+
+def _cli(*argv):
+    """Run scripts/reproduce.py in a fresh process: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), *argv], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_changed_setting_reruns_exactly_its_dependents_through_the_cli(digits_run, tmp_path):
+    out, _, _ = digits_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    argv = ["--out", str(run), "--cnn-width", "1", "--cnn-epochs", "1", "--sae-n-latents", "16", "--sae-k", "2",
+            "--sae-epochs", "3", "--seed", "0", "--n-neighbours", "10", "--widths", "1,2"]
+    argv += [f"--study-set={k}={json.dumps(v)}" for k, v in TINY["study"].items()]
+    rc, text, err = _cli(*argv)
+    assert rc == 0, err
+    assert "sae: settings changed (epochs: recorded 2.0, requested 3.0); rerunning it" in text
+    assert "codes: settings changed (input 'sae' changed); rerunning it" in text
+    for kept in ("backbone", "store", "width"):
+        assert f"{kept}: reusing" in text
+    record = json.loads((run / "stages" / "sae.json").read_text())
+    assert record["settings"]["epochs"] == 3.0
+    if (run / "stages" / "concepts.json").is_file():
+        assert "concepts: settings changed (input 'codes' changed" in text
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    rc, _, err = _cli("--out", str(tmp_path / "x"), "--sae-epochs", "0")
+    assert rc == 2 and err.startswith("reproduce.py: error: --sae-epochs must be > 0") and err.count("\n") == 1
+    rc, _, err = _cli("--preset", "mnist", "--out", str(tmp_path / "y"))
+    assert rc == 2 and "needs --data" in err and "Traceback" not in err
+
+
+def test_quick_keeps_explicit_settings():
+    config = preset_config("digits", quick=True, cnn_epochs=3)
+    assert config.quick and config.cnn_epochs == 3 and config.sae_epochs == 40.0
+    with pytest.raises(ValueError, match="--preset"):
+        preset_config("cifar")
+
+
+def test_mnist_preset_on_idx_files(tmp_path):
+    from test_idx import make_idx_set
+
+    make_idx_set(tmp_path / "data" / "MNIST" / "raw", n_train=120, n_test=30, gz=True)
+    out = tmp_path / "run"
+    report = reproduce("mnist", out, log=lambda _: None, data=str(tmp_path / "data"), **{**TINY, "widths": (1,)})
+    store = EmbeddingStore.open(out / "store")
+    assert store.n == 150 and store.d == 16  # 28x28 input: 4x4 feature maps of one channel
+    np.testing.assert_array_equal(store.split["test"], np.arange(120, 150))
+    assert len(store.split["val"]) == 20
+    if report["sections"]["ttt"]["status"] == "ok":
+        row = next(r for r in report["comparisons"] if r["metric"] == "ttt.global_acc")
+        assert row["paper"]["value"] == pytest.approx(0.9857)
+
+
+HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
+"""A class folder named like an HTML tag (a folder name can't hold the '/' of a closing script tag)."""
+
+
+def make_imagenet(root, n_train=53, n_val=2, classes=("n01", "n02", HOSTILE_CLASS)):
+    rng = np.random.default_rng(0)
+    for part, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            folder = root / part / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(36 + i % 5, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_imagenet_clip_preset_end_to_end_with_a_stand_in_model(tmp_path):
+    make_imagenet(tmp_path / "imagenet")
+    out = tmp_path / "run"
+    report = reproduce("imagenet-clip", out, log=lambda _: None, data=str(tmp_path / "imagenet"),
+                       backbone="paper-clip-vit-b16=vit_tiny_patch16_224", weights="random", sae_n_latents=32, sae_k=4,
+                       sae_epochs=2.0, n_neighbours=5, study=TINY["study"])
+    store = EmbeddingStore.open(out / "store")
+    recipe = store.meta["backbone_info"]["recipe"]
+    assert recipe["name"] == "paper-clip-vit-b16" and recipe["model_used"] == "vit_tiny_patch16_224"
+    assert recipe["model"] == "vit_base_patch16_clip_quickgelu_224.openai" and recipe["stand_in"]
+    assert store.meta["preprocessing"]["resize_short_side"] == 256 and store.meta["preprocessing"]["input_size"] == [3, 224, 224]
+    assert store.meta["normalize"] is True
+    np.testing.assert_allclose(np.linalg.norm(store.x, axis=1), 1.0, rtol=1e-5)
+    assert len(store.split["test"]) == 150 and len(store.split["train"]) == 9 and len(store.split["val"]) == 6
+    assert np.bincount(store.labels[store.split["test"]]).tolist() == [50, 50, 50]
+    assert HOSTILE_CLASS in store.classes
+    page = (out / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert report["sae"]["fvu"]["n"] == 150
+
+
+def test_clip_sae_made_otherwise_warns_naming_both(tmp_path):
+    from analysis.pipeline import StageCache, StageResult
+    from analysis.presets import check_clip_sae
+    from artifacts import write_json
+
+    for name, body in (("store", {"backbone": "vit_base_patch16_clip_224.openai", "backbone_info": {}}),
+                       ("sae", {"provenance": {"preprocessing": {"recipe": "paper-clip-vit-b16"}}})):
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / ("meta.json" if name == "store" else "config.json"), body)
+    cache = StageCache(tmp_path, log=lambda _: None)
+    cache.results = {n: StageResult(n, "k" * 64, tmp_path / n, {}, 0.0, False) for n in ("store", "sae")}
+    with pytest.warns(UserWarning, match=r"'paper-clip-vit-b16'.*'vit_base_patch16_clip_224.openai'"):
+        assert check_clip_sae(cache)
+    write_json(tmp_path / "store" / "meta.json", {"backbone": "x", "backbone_info": {"recipe": {"name": "paper-clip-vit-b16"}}})
+    assert check_clip_sae(cache) == []
+
+
+def test_paper_clip_recipe_is_quickgelu_with_resize_256_and_crop_224():
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from embeddings.backbone import load_backbone
+    from embeddings.recipes import CLIP_MEAN, CLIP_STD, PAPER_CLIP, RECIPES, parse_recipe
+
+    recipe = RECIPES[PAPER_CLIP]
+    assert recipe.model == "vit_base_patch16_clip_quickgelu_224.openai" and (recipe.resize, recipe.crop) == (256, 224)
+    assert parse_recipe("vit_base_patch16_clip_224.openai") is None
+    backbone = load_backbone(f"{PAPER_CLIP}=vit_tiny_patch16_224", weights="random")
+    info = backbone.info
+    assert info["recipe"]["name"] == PAPER_CLIP and info["recipe"]["stand_in"]
+    assert info["preprocessing"]["resize_short_side"] == 256 and info["preprocessing"]["crop_pct"] == 224 / 256
+    assert info["output_kind"] == "head" and info["normalize"] is True
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    x = backbone.transform(image)
+    expected = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(image, 256, TF.InterpolationMode.BICUBIC), 224)),
+                            CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(x, expected)
+    batch = backbone.normalize_batch(backbone.image_transform(image).unsqueeze(0))
+    torch.testing.assert_close(batch[0], x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_sae_training_resumes_to_the_same_weights(tmp_path):
+    import os
+
+    from sae.trainer import KILL_ENV
+
+    args = ["--cnn-width", "1", "--cnn-epochs", "1", "--sae-n-latents", "16", "--sae-k", "2", "--sae-epochs", "60",
+            "--widths", ""] + [f"--study-set={k}={json.dumps(v)}" for k, v in TINY["study"].items()]
+    killed = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--out", str(tmp_path / "a"),
+                             *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, KILL_ENV: "201"})
+    assert killed.returncode != 0
+    assert (tmp_path / "a" / ".sae.partial" / "checkpoint.pt").is_file() and not (tmp_path / "a" / "sae").exists()
+    rc, text, err = _cli("--out", str(tmp_path / "a"), *args)
+    assert rc == 0, err
+    assert "backbone: reusing" in text and "store: reusing" in text
+    rc, _, err = _cli("--out", str(tmp_path / "b"), *args)
+    assert rc == 0, err
+    same = [(tmp_path / d / "sae" / "sae.safetensors").read_bytes() for d in ("a", "b")]
+    assert same[0] == same[1]
