@@ -16,7 +16,12 @@ import argparse
 import json
 import os
 
-import torch
+# Threads sleep rather than spin at the end of each parallel region: on shared cores the spinning of GNU OpenMP
+# starves the step's many small parallel operations (BENCHMARKS.md, "Under a co-running job"). It must be set
+# before torch loads; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from analysis.stages import sae_config_for_store, train_sae_on_store
 from artifacts.cli import run_main
