@@ -1,97 +1,133 @@
-"""Exact top-n by cosine in code space, pruned with upper bounds (the "MaxScore" idea of text retrieval:
-Turtle & Flood 1995, "Query evaluation: strategies and optimizations").
+"""The compiled kernel of exact code-space search: top-n by cosine over inverted lists, one query at a time.
 
-Code-space search reads the inverted lists of a query's latents; with a skewed latent frequency a few lists hold
-most of the rows (a latent active on 17% of 1.28M images has 220k), and the plain sparse product over every list
-(``NeighbourIndex``'s reference path) spends its time there. A row's cosine with the query is
-``Σ_l q_l r_l``, and ``r_l <= M_l``, the largest value in latent ``l``'s list. So with ``θ``, a score some ``n``
-rows are known to reach, the longest lists whose bounds ``Σ q_l M_l`` stay below ``θ`` can be skipped: a row found
-only in them scores less than ``θ`` and cannot be among the ``n`` nearest. ``θ`` comes from fully scoring the rows
-of the query's shortest lists. Every candidate is then scored exactly from its own codes, so the result equals the
-reference. Negative code values (the paper variant) void the bounds; such data use the reference path.
+The reference (``NeighbourIndex`` with ``fast=False``) forms the sparse product of the queries with every
+inverted list, then selects each query's top rows in Python. At ImageNet scale with a skewed latent frequency a
+query reaches a quarter of a million rows, and the product (one thread, a sorted output per query) plus the
+per-query selection bound it to a few dozen queries per second. This kernel (numba, one thread per slice of the
+queries) walks the query's lists into a dense accumulator of the index's size, remembers the rows it touched,
+and keeps the best ``want`` of them in a small heap, then clears what it touched: work proportional to the
+entries read, no sort of all candidates, no Python per query.
+
+Scores and ties follow the reference: highest cosine first, the lower row first among equals. Only positive
+scores are selected; a query with fewer than ``want`` of them (the rest are rows of cosine 0, filled in by the
+caller) is marked by its count.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-import scipy.sparse as sp
 
-PASS1_ROWS = 4
-"""The first pass scores the query's shortest lists until they hold this many times n rows."""
-PAIR_CHUNK = 1 << 20
-"""(query, row) pairs scored at a time: bounds the gathered (pairs, k) temporaries."""
+SERIAL_BELOW = 8
+"""Batches of fewer queries run on the calling thread."""
 
 
-class PrunedCodeSearch:
-    """Exact cosine top-n over normalised codes given as inverted lists ``(n_latents, n)`` CSR."""
-
-    def __init__(self, inverted: sp.csr_matrix):
-        self.inverted = inverted
-        self.lengths = np.diff(inverted.indptr)
-        forward = inverted.T.tocsr()
-        per_row = np.diff(forward.indptr)
-        k = int(per_row[0]) if per_row.size else 0
-        # Every row carries exactly k entries (explicit zeros included): its codes as dense (n, k) arrays.
-        self.usable = bool(per_row.size and (per_row == k).all() and k > 0 and (inverted.data >= 0).all())
-        if self.usable:
-            self.row_latents = forward.indices.reshape(-1, k)
-            self.row_values = forward.data.reshape(-1, k)
-            nonempty = self.lengths > 0
-            self.max_value = np.zeros(inverted.shape[0], dtype=np.float32)
-            self.max_value[nonempty] = np.maximum.reduceat(inverted.data, inverted.indptr[:-1][nonempty])
-
-    def search(self, q: sp.csr_matrix, want: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query of ``q`` (normalised codes ``(m, n_latents)``, values >= 0): ``(candidate rows, exact
-        cosines)`` holding every row that can be among its ``want`` nearest."""
-        q = q.tocsr()
-        q_dense = q.toarray()
-        owner = np.repeat(np.arange(q.shape[0]), np.diff(q.indptr))
-        length = self.lengths[q.indices]
-        # Pass 1: the shortest lists, until they hold PASS1_ROWS * want rows; their want-th best score is theta.
-        order = np.lexsort((length, owner))
-        before = _segment_cumsum(length[order], q.indptr) - length[order]
-        first = np.zeros(q.nnz, dtype=bool)
-        first[order] = before < PASS1_ROWS * want
-        theta = np.array([_kth(s, want) for _, s in self._scored(q_dense, _masked(q, first))])
-        # Pass 2: skip the longest lists while their summed bounds stay below theta.
-        order = np.lexsort((-length, owner))
-        bound = _segment_cumsum(q.data[order] * self.max_value[q.indices[order]], q.indptr)
-        skip = np.zeros(q.nnz, dtype=bool)
-        skip[order] = bound < theta[owner[order]]
-        return self._scored(q_dense, _masked(q, ~skip))
-
-    def _scored(self, q_dense: np.ndarray, q: sp.csr_matrix) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Rows sharing a kept latent with each query, with their exact cosines from their own codes."""
-        reach = (q @ self.inverted).tocsr()
-        rows = reach.indices
-        owner = np.repeat(np.arange(q.shape[0]), np.diff(reach.indptr))
-        scores = np.empty(rows.size, dtype=np.float32)
-        for start in range(0, rows.size, PAIR_CHUNK):
-            r, o = rows[start : start + PAIR_CHUNK], owner[start : start + PAIR_CHUNK]
-            scores[start : start + PAIR_CHUNK] = (q_dense[o[:, None], self.row_latents[r]] * self.row_values[r]).sum(1)
-        return [(rows[lo:hi], scores[lo:hi]) for lo, hi in zip(reach.indptr[:-1], reach.indptr[1:])]
+@numba.njit(cache=True, nogil=True)
+def _better(s1, r1, s2, r2) -> bool:
+    return s1 > s2 or (s1 == s2 and r1 < r2)
 
 
-def _masked(q: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
-    """``q`` with the entries where ``keep`` is False set to zero (structure kept, so the product skips none of
-    its work for them... hence removed): a CSR of only the kept entries."""
-    owner = np.repeat(np.arange(q.shape[0]), np.diff(q.indptr))
-    return sp.csr_matrix((q.data[keep], (owner[keep], q.indices[keep])), shape=q.shape)
+@numba.njit(cache=True, nogil=True)
+def _sift_down(hs, hr, size, i) -> None:
+    """Restore the min-heap (worst kept candidate at the root) below position ``i``."""
+    while True:
+        left, worst = 2 * i + 1, i
+        for child in (left, left + 1):
+            if child < size and _better(hs[worst], hr[worst], hs[child], hr[child]):
+                worst = child
+        if worst == i:
+            return
+        hs[i], hs[worst] = hs[worst], hs[i]
+        hr[i], hr[worst] = hr[worst], hr[i]
+        i = worst
 
 
-def _segment_cumsum(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """Cumulative sums restarting at each segment ``indptr[i]:indptr[i + 1]`` (values in segment order)."""
-    total = np.cumsum(values, dtype=np.float64)
-    starts = indptr[:-1][np.diff(indptr) > 0]
-    offset = np.zeros(values.size, dtype=np.float64)
-    offset[starts] = np.where(starts > 0, total[starts - 1], 0.0)
-    return total - np.maximum.accumulate(np.where(np.isin(np.arange(values.size), starts), offset, -np.inf)) \
-        if values.size else total
+@numba.njit(cache=True, nogil=True)
+def _one_query(lo, hi, q_latents, q_values, inv_indptr, inv_rows, inv_values, acc, seen, touched, want, hs, hr):
+    """Top ``want`` positive (score, row) of one query into the heap arrays; returns (kept, positive count)."""
+    n_touched = 0
+    for e in range(lo, hi):
+        latent, weight = q_latents[e], q_values[e]
+        for p in range(inv_indptr[latent], inv_indptr[latent + 1]):
+            row = inv_rows[p]
+            if not seen[row]:
+                seen[row] = True
+                touched[n_touched] = row
+                n_touched += 1
+            acc[row] += weight * inv_values[p]
+    size, n_positive = 0, 0
+    for j in range(n_touched):
+        row = touched[j]
+        score = acc[row]
+        acc[row] = 0.0
+        seen[row] = False
+        if score <= 0:
+            continue
+        n_positive += 1
+        if size < want:
+            hs[size], hr[size] = score, row
+            size += 1
+            if size == want:
+                for i in range(want // 2 - 1, -1, -1):
+                    _sift_down(hs, hr, size, i)
+        elif _better(score, row, hs[0], hr[0]):
+            hs[0], hr[0] = score, row
+            _sift_down(hs, hr, size, 0)
+    return size, n_positive
 
 
-def _kth(scores: np.ndarray, k: int) -> float:
-    """The k-th largest positive score, or 0 when fewer than k are positive (then nothing is pruned)."""
-    positive = scores[scores > 0]
-    if positive.size < k:
-        return 0.0
-    return float(np.partition(positive, positive.size - k)[positive.size - k])
+@numba.njit(cache=True, nogil=True)
+def _top_slice(t, n_slices, q_indptr, q_latents, q_values, inv_indptr, inv_rows, inv_values, n, want,
+               out_scores, out_rows, out_positive):
+    """Queries ``t, t + n_slices, ...``: each thread owns its accumulator of the index's size."""
+    m = q_indptr.shape[0] - 1
+    acc = np.zeros(n, dtype=np.float32)
+    seen = np.zeros(n, dtype=np.bool_)
+    touched = np.empty(n, dtype=np.int64)
+    hs = np.empty(want, dtype=np.float32)
+    hr = np.empty(want, dtype=np.int64)
+    for i in range(t, m, n_slices):
+        size, n_positive = _one_query(q_indptr[i], q_indptr[i + 1], q_latents, q_values, inv_indptr,
+                                      inv_rows, inv_values, acc, seen, touched, want, hs, hr)
+        for j in range(size):
+            out_scores[i, j] = hs[j]
+            out_rows[i, j] = hr[j]
+        _fix_order(out_scores[i], out_rows[i], size)
+        out_positive[i] = n_positive
+
+
+@numba.njit(cache=True, parallel=True)
+def _top_parallel(q_indptr, q_latents, q_values, inv_indptr, inv_rows, inv_values, n, want, n_slices,
+                  out_scores, out_rows, out_positive):
+    for t in numba.prange(n_slices):
+        _top_slice(t, n_slices, q_indptr, q_latents, q_values, inv_indptr, inv_rows, inv_values, n, want,
+                   out_scores, out_rows, out_positive)
+
+
+@numba.njit(cache=True, nogil=True)
+def _fix_order(scores, rows, size) -> None:
+    """Insertion sort of the kept heap by (score desc, row asc); ``size`` is at most ``want``."""
+    for j in range(1, size):
+        s, r = scores[j], rows[j]
+        i = j - 1
+        while i >= 0 and _better(s, r, scores[i], rows[i]):
+            scores[i + 1], rows[i + 1] = scores[i], rows[i]
+            i -= 1
+        scores[i + 1], rows[i + 1] = s, r
+
+
+def top_positive(q, inverted, want: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores (m, want), rows (m, want), n_positive (m,))`` for normalised query codes ``q`` (CSR ``(m, L)``)
+    against the normalised inverted lists ``inverted`` (CSR ``(L, n)``); entries past ``n_positive`` are unset."""
+    m, n = q.shape[0], inverted.shape[1]
+    scores = np.zeros((m, want), dtype=np.float32)
+    rows = np.zeros((m, want), dtype=np.int64)
+    positive = np.zeros(m, dtype=np.int64)
+    # The CSR arrays go in as they are (no copies of the index per call); numba compiles per dtype.
+    args = (q.indptr, q.indices, np.asarray(q.data, np.float32), inverted.indptr, inverted.indices,
+            np.asarray(inverted.data, np.float32), n, want)
+    if m < SERIAL_BELOW:  # a thread pool's wake-up costs more than a few queries take
+        _top_slice(0, 1, *args, scores, rows, positive)
+    else:
+        _top_parallel(*args, max(1, min(numba.get_num_threads(), m)), scores, rows, positive)
+    return scores, rows, positive

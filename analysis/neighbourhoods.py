@@ -18,14 +18,12 @@ per-query twin the tests compare against.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-import torch
 
 from analysis.neighbours import SparseCodes
 
 STAT_NAMES = ("union", "mass50", "mass90", "jaccard", "query_shared")
-ONE_HOT_BYTES = 64 << 20
-"""Memory for one batch of neighbourhood one-hot supports in the Jaccard product."""
 
 
 def _gather(codes: SparseCodes, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +65,7 @@ def neighbourhood_stats(codes: SparseCodes, neighbours: np.ndarray, queries: np.
     grid = np.bincount(flat_cell, weights=mass.ravel(), minlength=m * n_cols).reshape(m, n_cols)
     out.update(_mass_counts(grid))
     sizes = active.reshape(m, n_nb, k).sum(2)
-    out["jaccard"] = _mean_jaccard(group, is_active, pos // k, sizes)
+    out["jaccard"] = _mean_jaccard(lat, is_active, pos // k, sizes)
     if queries is not None:
         out.update(_query_shared(codes, np.asarray(queries, dtype=np.int64), lat, n_nb))
     return out
@@ -94,44 +92,51 @@ def _mass_counts(grid: np.ndarray) -> dict:
     return out
 
 
-def _mean_jaccard(group: np.ndarray, is_active: np.ndarray, neighbour_of: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Mean over neighbour pairs of |S_i ∩ S_j| / |S_i ∪ S_j|.
-
-    Intersections are one batched product ``B Bᵀ`` of one-hot supports ``(b, N, w)``; only the latents used by
-    two or more neighbours can be in an intersection, so ``w`` counts just those (few, even for random sets).
-    """
+def _mean_jaccard(lat: np.ndarray, is_active: np.ndarray, neighbour_of: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Mean over neighbour pairs of |S_i ∩ S_j| / |S_i ∪ S_j|, from each neighbourhood's entries sorted by latent:
+    every latent used by c neighbours adds one to the intersection of each of its c(c-1)/2 pairs."""
     m, n_nb = sizes.shape
     if n_nb < 2:
         return np.ones(m)
-    counts = np.bincount(group.ravel(), weights=is_active.ravel())
-    shared_group = counts >= 2
-    # Column of a shared latent: its rank among the shared latents of its neighbourhood.
-    rank = np.cumsum(shared_group) - 1
-    first = group[:, 0]
-    before_row = np.where(first > 0, rank[np.maximum(first - 1, 0)] + 1, 0)
-    col = rank[group] - before_row[:, None]
-    shared = shared_group[group]
-    width = int(col.max()) + 1 if shared.any() else 1
-    # Flat cell of each entry in its batch's one-hot; entries of unshared latents all go to one spare cell.
-    cell_in_row = neighbour_of.astype(np.int64) * width + col
     out = np.empty(m, dtype=np.float64)
-    batch = max(1, ONE_HOT_BYTES // (4 * n_nb * width))
-    for start in range(0, m, batch):
-        stop = min(start + batch, m)
-        size = (stop - start) * n_nb * width
-        offset = (np.arange(stop - start, dtype=np.int64) * (n_nb * width))[:, None]
-        cell = np.where(shared[start:stop], cell_in_row[start:stop] + offset, size)
-        onehot = torch.zeros(size + 1, dtype=torch.float32)
-        onehot[torch.from_numpy(cell.ravel())] = 1.0
-        onehot = onehot[:size].view(stop - start, n_nb, width)
-        inter = torch.bmm(onehot, onehot.transpose(1, 2))
-        s = torch.from_numpy(sizes[start:stop].astype(np.float32))
-        unions = s[:, :, None] + s[:, None, :] - inter
-        jac = inter / unions.clamp_min(1.0)  # an empty union has an empty intersection: 0
-        # Mean over the pairs i < j: the matrix is symmetric, so drop its diagonal and halve.
-        off_diagonal = jac.sum((1, 2)) - torch.diagonal(jac, dim1=1, dim2=2).sum(1)
-        out[start:stop] = (off_diagonal / (n_nb * (n_nb - 1))).double().numpy()
+    _jaccard_kernel(np.ascontiguousarray(lat), np.ascontiguousarray(is_active),
+                    np.ascontiguousarray(neighbour_of, dtype=np.int64), np.ascontiguousarray(sizes, dtype=np.int64),
+                    max(1, min(numba.get_num_threads(), m)), out)
     return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _jaccard_kernel(lat, is_active, neighbour_of, sizes, n_slices, out):
+    m, width = lat.shape
+    n_nb = sizes.shape[1]
+    for t in numba.prange(n_slices):
+        inter = np.zeros((n_nb, n_nb), dtype=np.int64)
+        members = np.empty(n_nb, dtype=np.int64)
+        for q in range(t, m, n_slices):
+            e = 0
+            while e < width:
+                if not is_active[q, e]:
+                    e += 1
+                    continue
+                c = 0
+                latent = lat[q, e]
+                while e < width and lat[q, e] == latent:
+                    members[c] = neighbour_of[q, e]
+                    c += 1
+                    e += 1
+                for a in range(c):
+                    for b in range(a + 1, c):
+                        inter[members[a], members[b]] += 1
+            total = 0.0
+            for i in range(n_nb):
+                for j in range(i + 1, n_nb):
+                    shared = inter[i, j] + inter[j, i]
+                    union = sizes[q, i] + sizes[q, j] - shared
+                    if union > 0:
+                        total += shared / union
+                    inter[i, j] = 0
+                    inter[j, i] = 0
+            out[q] = total / (n_nb * (n_nb - 1) / 2)
 
 
 def _query_shared(codes: SparseCodes, queries: np.ndarray, lat_sorted: np.ndarray, n_nb: int) -> dict:

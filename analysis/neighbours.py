@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from analysis.code_search import top_positive
 from analysis.stats import measure
 from artifacts import SCHEMA_VERSION, ArtifactError, building, package_version, read_json, write_json, write_npy
 
@@ -81,11 +82,12 @@ class NeighbourIndex:
     ``fit(data, rows=None)`` indexes ``data`` (an ``(n, d)`` array or ``SparseCodes``), optionally only the
     given ``rows`` of it (e.g. the train split); ``search`` returns original row numbers. ``nprobe`` (IVF) and
     ``ef_search`` (HNSW) tune approximate FAISS indexes; ``device="cuda"`` moves a dense index to FAISS's GPU
-    index (needs the FAISS GPU build and a GPU).
+    index (needs the FAISS GPU build and a GPU). In code space ``fast`` uses the compiled kernel of
+    ``analysis.code_search``; ``fast=False`` is its plain reference twin (sparse product, selection in Python).
     """
 
     def __init__(self, metric: str = "cosine", factory: str = "Flat", batch_size: int = 1024, *,
-                 nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu"):
+                 nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu", fast: bool = True):
         if metric not in METRICS:
             raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
         if batch_size < 1:
@@ -101,6 +103,7 @@ class NeighbourIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.device = device
+        self.fast = fast
 
     # -- fitting ------------------------------------------------------------------------------------------
     def fit(self, data, rows=None) -> "NeighbourIndex":
@@ -113,6 +116,7 @@ class NeighbourIndex:
             codes = data if rows is None else data.take(self.rows_)
             # Transposed CSR = inverted lists with each entry's (normalised) value.
             self.inverted_ = codes.csr(normalise=True).T.tocsr()
+            self.has_negative_ = bool((self.inverted_.data < 0).any())  # the paper variant's codes
             self.dim_ = data.n_latents
         else:
             self.sparse_ = False
@@ -239,14 +243,24 @@ class NeighbourIndex:
     def _search_sparse(self, q: SparseCodes, want: int) -> tuple[np.ndarray, np.ndarray]:
         if q.n_latents != self.dim_:
             raise ValueError(f"query codes have {q.n_latents} latents, the index {self.dim_}")
-        # Cosines with every row that shares a latent: a sparse (m, n) product over the inverted lists.
-        sims = (q.csr(normalise=True) @ self.inverted_).tocsr()
-        scores = np.zeros((q.n, want), dtype=np.float32)
-        pos = np.empty((q.n, want), dtype=np.int64)
-        for i in range(q.n):
+        qn = q.csr(normalise=True)
+        if not self.fast or (qn.data < 0).any() or self.has_negative_:
+            return self._search_sparse_reference(qn, want)
+        scores, pos, n_positive = top_positive(qn, self.inverted_, want)
+        short = np.flatnonzero(n_positive < want)  # rows of cosine 0 complete these: the reference's rule
+        if short.size:
+            scores[short], pos[short] = self._search_sparse_reference(qn[short], want)
+        return scores, pos
+
+    def _search_sparse_reference(self, qn: sp.csr_matrix, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cosines with every row that shares a latent: a sparse (m, n) product over the inverted lists, then
+        each query's top rows (the plain twin of ``analysis.code_search``)."""
+        sims = (qn @ self.inverted_).tocsr()
+        scores = np.zeros((qn.shape[0], want), dtype=np.float32)
+        pos = np.empty((qn.shape[0], want), dtype=np.int64)
+        for i in range(qn.shape[0]):
             lo, hi = sims.indptr[i], sims.indptr[i + 1]
-            cand, cand_scores = sims.indices[lo:hi], sims.data[lo:hi]
-            scores[i], pos[i] = _top_with_zero_fill(cand, cand_scores, want, self.n_)
+            scores[i], pos[i] = _top_with_zero_fill(sims.indices[lo:hi], sims.data[lo:hi], want, self.n_)
         return scores, pos
 
     # -- persistence --------------------------------------------------------------------------------------
@@ -285,6 +299,7 @@ class NeighbourIndex:
             parts = [np.load(index_dir / f"inverted_{name}.npy", allow_pickle=False)
                      for name in ("data", "indices", "indptr")]
             self.inverted_ = sp.csr_matrix(tuple(parts), shape=(self.dim_, self.n_))
+            self.has_negative_ = bool((self.inverted_.data < 0).any())
         else:
             self.index_ = self._to_device(faiss.read_index(str(index_dir / "index.faiss")))
             self._apply_search_parameters()
@@ -310,9 +325,11 @@ def _top_with_zero_fill(cand: np.ndarray, cand_scores: np.ndarray, want: int, n:
     positive = cand_scores > 0
     pos_rows, pos_scores = cand[positive], cand_scores[positive]
     if pos_rows.size > want:
-        part = np.argpartition(-pos_scores, want - 1)[:want]
-        pos_rows, pos_scores = pos_rows[part], pos_scores[part]
-    order = np.lexsort((pos_rows, -pos_scores))
+        # Keep every candidate tied with the want-th score, so that ties go to the lower row.
+        kth = np.partition(pos_scores, pos_rows.size - want)[pos_rows.size - want]
+        keep = pos_scores >= kth
+        pos_rows, pos_scores = pos_rows[keep], pos_scores[keep]
+    order = np.lexsort((pos_rows, -pos_scores))[:want]
     rows, scores = pos_rows[order], pos_scores[order]
     need = want - rows.size
     if need > 0:

@@ -3,7 +3,8 @@
 A run is a chain of stages (backbone → store → SAE → codes → studies → report). Each stage writes one
 directory ``RUN_DIR/<stage>/`` and, once that directory is complete, a record ``RUN_DIR/stages/<stage>.json``:
 
-    {"stage", "key", "version", "settings", "parents": {name: key}, "result", "seconds", "finished_at"}
+    {"stage", "key", "version", "settings", "parents": {name: key}, "result", "seconds", "cpu_seconds",
+     "finished_at"}
 
 ``key`` is the SHA-256 of the stage's name, version, settings and the keys of its parents, so it changes when
 any setting upstream changes (a Merkle chain). On a rerun:
@@ -72,6 +73,9 @@ class StageResult:
     reused: bool
     """Whether this run reused it instead of computing it."""
     settings: dict = field(default_factory=dict)
+    cpu_seconds: float | None = None
+    """CPU seconds of this process while the stage was computed (all its threads): on shared cores the wall time
+    grows with other processes' load, this does not."""
 
 
 class StageCache:
@@ -101,20 +105,21 @@ class StageCache:
             self.log(f"{stage.name}: reusing {out_dir} (key {key[:12]}, computed in {reused.seconds:.1f} s)")
             return reused
         self._prepare(stage.name, key, out_dir)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = stage.run(out_dir, {p: self.results[p] for p in stage.parents})
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if not out_dir.is_dir():
             raise ArtifactError(f"stage {stage.name!r} finished without writing {out_dir}")
         write_json(self.record_path(stage.name), {
             "stage": stage.name, "key": key, "version": stage.version, "settings": stage.settings,
-            "parents": parents, "result": result, "seconds": seconds, "package_version": package_version(),
+            "parents": parents, "result": result, "seconds": seconds, "cpu_seconds": cpu,
+            "package_version": package_version(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         self._pending_path(stage.name).unlink(missing_ok=True)
-        done = StageResult(stage.name, key, out_dir, result, seconds, False, stage.settings)
+        done = StageResult(stage.name, key, out_dir, result, seconds, False, stage.settings, cpu)
         self.results[stage.name] = done
-        self.log(f"{stage.name}: done in {seconds:.1f} s")
+        self.log(f"{stage.name}: done in {seconds:.1f} s ({cpu:.1f} s CPU)")
         return done
 
     def _reusable(self, stage: Stage, key: str, parents: dict, out_dir: Path) -> StageResult | None:
@@ -130,7 +135,7 @@ class StageCache:
             return None
         if record.get("key") == key and out_dir.is_dir():
             return StageResult(stage.name, key, out_dir, record.get("result") or {}, float(record.get("seconds", 0.0)),
-                               True, stage.settings)
+                               True, stage.settings, record.get("cpu_seconds"))
         if record.get("key") == key:
             self.log(f"{stage.name}: {out_dir} is missing; rebuilding it")
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,9 +146,11 @@ def run_section(cache: StageCache, name: str, stage) -> dict:
         return {"status": "missing", "reason": stage}
     try:
         cache.run(stage)
-    except (ArtifactError, ValueError, RuntimeError, TypeError, KeyError, AttributeError) as e:
-        cache.log(f"{name}: FAILED: {type(e).__name__}: {e}")
-        return {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    except (ArtifactError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, IndexError) as e:
+        trace = cache.records_dir / f"{name}.error.txt"
+        trace.write_text(traceback.format_exc())
+        cache.log(f"{name}: FAILED: {type(e).__name__}: {e} (traceback in {trace})")
+        return {"status": "failed", "reason": f"{type(e).__name__}: {e} (traceback in {trace})"}
     return {"status": "ok", "reason": f"stage {name} (key {cache.results[name].key[:12]})"}
 
 
@@ -175,9 +178,16 @@ def run_theory_preset(settings: dict, cache: StageCache) -> dict[str, dict]:
     return {"theory": run_section(cache, "theory", theory_stage(overrides))}
 
 
-def settings_of(config) -> dict:
-    """A JSON-able record of a preset's config."""
-    return asdict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
+IMAGENET_ONLY = ("backbone", "weights", "sae")
+CNN_ONLY = ("cnn_width", "cnn_epochs", "widths")
+
+
+def settings_of(config, preset: str) -> dict:
+    """A JSON-able record of a preset's config, without the settings that preset does not use."""
+    if not hasattr(config, "__dataclass_fields__"):
+        return dict(config)
+    unused = CNN_ONLY if preset == "imagenet-clip" else IMAGENET_ONLY + (("data",) if preset == "digits" else ())
+    return {k: v for k, v in asdict(config).items() if k not in unused}
 
 
 SMALL_PRESETS = ("digits", "mnist", "theory")
@@ -205,7 +215,7 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
             sections = run_theory_preset(config, cache)
         else:
             sections = run_image_preset(preset, config, cache, device)
-        report = write_report(preset, settings_of(config), cache, sections, log=log)
+        report = write_report(preset, settings_of(config, preset), cache, sections, log=log)
     finally:
         torch.set_num_threads(before)
     log(f"{preset}: finished in {time.perf_counter() - t0:.1f} s (stages as computed: "

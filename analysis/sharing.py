@@ -54,6 +54,8 @@ class ConceptConfig:
     """Bootstrap resamples over queries for the standard errors of the O1 distances (--n-bootstrap)."""
     seed: int = 0
     """Seed of the query sample, the baselines, the probes and the UMAP sample (--seed)."""
+    device: str = "cpu"
+    """Torch device of the linear probes (a run setting, not a statistic's) (--device)."""
 
     def __post_init__(self):
         if self.n_neighbours < 1:
@@ -141,7 +143,7 @@ def downstream_probes(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, poo
     spaces = {"raw": embedding_space(store), "recon": reconstruction_space(store, sae), "codes": code_space(codes)}
     correct = {}
     for name, space in spaces.items():
-        head = train_head(space.queries(pool), y_train, head_config, n_outputs=n_classes)
+        head = train_head(space.queries(pool), y_train, head_config, n_outputs=n_classes, device=config.device)
         correct[name] = predict_head(head, space.queries(test)) == y_test
     provenance = f"linear probe, {config.probe_epochs} epochs, lr {config.probe_lr}, train split -> test split"
     return {

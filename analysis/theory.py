@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from analysis.stats import measure
 from analysis.theory_model import (  # noqa: F401  (re-exported: the generator is part of this module's API)
     ConceptData, ConceptModel, ConceptModelConfig, global_error_claim,
@@ -39,13 +41,13 @@ class TheoryConfig:
     """The theory experiment: the base model, the predictors, the sweeps and the SAE check."""
 
     quick: bool = False
-    """Small model and short sweeps (seconds; for tests and smoke runs) (--quick)."""
+    """Small model and short sweeps (about 20 s of CPU; for tests and smoke runs) (--quick)."""
     model: ConceptModelConfig | None = None
     """The base model (its d2 is the underparameterised point of comparison); ``None``: the preset's."""
     predictor: PredictorConfig = PredictorConfig()
     """Global head and local TTT protocol."""
     d2_values: tuple[int, ...] | None = None
-    """Feature widths of the d2 sweep; ``None``: from d1/32 to d1."""
+    """Feature widths of the d2 sweep (the base d2 is added); ``None``: from d1/32 to d1."""
     n_neighbours_values: tuple[int, ...] | None = None
     """Neighbourhood sizes of the n_neighbours sweep; ``None``: 5 … 400 (quick: 5 … 200)."""
     s_values: tuple[int, ...] | None = None
@@ -60,12 +62,17 @@ class TheoryConfig:
     """Feature width for the SAE check; ``None``: d1/2 (recovery needs d2 of order s·log(d1/s) and more)."""
     check_trained_head: bool = True
     """Also train the global head with ``train_head`` at the base d2 and report its gap to least squares."""
+    n_threads: int | None = 1
+    """Torch CPU threads while the study runs (a run setting; ``None``: leave torch's). Its matrices are small:
+    one thread is faster than two that contend."""
 
     def __post_init__(self) -> None:
         for name in ("d2_values", "n_neighbours_values", "s_values", "noise_values", "seeds"):
             values = getattr(self, name)
             if values is not None and len(values) == 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.n_threads}")
 
     def resolved(self) -> "TheoryConfig":
         """Every ``None`` replaced by the (quick or full) default."""
@@ -73,8 +80,9 @@ class TheoryConfig:
         pick = (lambda quick, full: quick if self.quick else full)
         return dataclasses.replace(
             self, model=m,
-            d2_values=tuple(self.d2_values or sorted({max(1, m.d1 // 32), m.d1 // 16, m.d1 // 8, m.d1 // 4,
-                                                      m.d1 // 2, 3 * m.d1 // 4, m.d1})),
+            # The base d2 is always swept: it is the regimes' point of comparison.
+            d2_values=tuple(sorted({m.d2, *(self.d2_values or (max(1, m.d1 // 32), m.d1 // 16, m.d1 // 8,
+                                                              m.d1 // 4, m.d1 // 2, 3 * m.d1 // 4, m.d1))})),
             n_neighbours_values=tuple(self.n_neighbours_values or pick((5, 10, 20, 30, 40, 50, 60, 100, 200),
                                                                        (5, 10, 20, 50, 75, 100, 200, 400))),
             s_values=tuple(self.s_values or sorted({max(1, m.s // 4), max(1, m.s // 2), m.s, min(m.d1, 2 * m.s)})),
@@ -87,8 +95,16 @@ class TheoryConfig:
 
 def theory_study(config: TheoryConfig, out_dir: str | os.PathLike) -> dict:
     """Run the experiment, write its plots into ``out_dir``, return ``{"theory": {...}, "plots": {...}}``."""
-    c = config.resolved()
-    out_dir = Path(out_dir)
+    previous = torch.get_num_threads()
+    if config.n_threads is not None:
+        torch.set_num_threads(config.n_threads)
+    try:
+        return _study(config.resolved(), Path(out_dir))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _study(c: TheoryConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, seeds, k = c.model, list(c.seeds), c.predictor.ttt.n_neighbours
     ks = [v for v in c.n_neighbours_values if v <= m.n_train]
@@ -106,6 +122,8 @@ def theory_study(config: TheoryConfig, out_dir: str | os.PathLike) -> dict:
     # beyond one cluster the neighbourhood stops being locally sparse.
     rates = rate_slopes(k_draws["locally_sparse"], noise_draws, k, lo=1.5 * (m.d2 + 1),
                         hi=m.n_train / m.n_clusters)
+    # The SAE's model: a cluster's points use s of 2s concepts. With a pool of exactly s a cluster's concepts
+    # always co-occur and no dictionary learner can tell them apart (measured: about half are recovered).
     sae_model = m.replace(d2=c.sae_d2, cluster_pool=min(m.d1, 2 * m.s), seed=seeds[0])
     sae = sae_ground_truth(sae_model, c.sae, out_dir / "sae_check")
     theory = {
@@ -117,7 +135,7 @@ def theory_study(config: TheoryConfig, out_dir: str | os.PathLike) -> dict:
     }
     if c.check_trained_head:
         theory["trained_head"] = _trained_head_check(regimes["isotropic"], seeds[0])
-    theory["claims"] = claims(theory, m, k)
+    theory["claims"] = claims(theory, m)
     plots = {
         "theory_error_vs_d2": plot_d2(d2_sweeps, m, out_dir / "theory_error_vs_d2.png"),
         "theory_ttt_vs_neighbours": plot_neighbours(k_sweeps, m, out_dir / "theory_ttt_vs_neighbours.png"),
@@ -134,7 +152,7 @@ def _trained_head_check(config: ConceptModelConfig, seed: int) -> dict:
             "d2": config.d2}
 
 
-def claims(theory: dict, m: ConceptModelConfig, k: int) -> list[dict]:
+def claims(theory: dict, m: ConceptModelConfig) -> list[dict]:
     """Each of the paper's Section 2 claims beside what was measured, with a verdict."""
     iso_rows = theory["sweeps"]["d2"]["isotropic"]
     sparse_rows = theory["sweeps"]["d2"]["locally_sparse"]

@@ -39,6 +39,9 @@ class SparseTopics:
     """Private noise concepts per row."""
     private_scale: float = 0.3
     """Magnitude of the private concepts."""
+    value_law: str = "uniform"
+    """Law of the shared concepts' values: ``uniform`` on [0, 2] or ``exponential`` (scale 1; wider gaps between
+    a row's strongest concepts, so that a global head errs less)."""
     unit_norm: bool = True
     """Scale every feature row to unit norm (as CLIP's embeddings)."""
     seed: int = 0
@@ -56,7 +59,10 @@ def sparse_topics(spec: SparseTopics = SparseTopics()) -> tuple[np.ndarray, np.n
     shared = topics[topic]                                                    # (n, topic_size)
     private = rng.integers(0, spec.n_concepts, (spec.n, spec.n_private))
     ids = np.concatenate([shared, private], axis=1)
-    values = np.concatenate([rng.uniform(0.0, 2.0, shared.shape),
+    if spec.value_law not in ("uniform", "exponential"):
+        raise ValueError(f"value_law must be uniform or exponential, got {spec.value_law!r}")
+    strength = rng.uniform(0.0, 2.0, shared.shape) if spec.value_law == "uniform" else rng.exponential(1.0, shared.shape)
+    values = np.concatenate([strength,
                              spec.private_scale * rng.uniform(0.0, 1.0, private.shape)], axis=1).astype(np.float32)
     x = np.einsum("nk,nkd->nd", values, atoms[ids])
     class_mass = np.zeros((spec.n, spec.n_classes), dtype=np.float32)

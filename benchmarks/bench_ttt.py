@@ -83,7 +83,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     matmul_kernels()
     spec = SparseTopics(n=args.n_train + args.n_test, dim=512, n_concepts=4096, n_classes=1000, n_topics=300,
-                        topic_size=6, n_private=1, private_scale=0.3, seed=args.seed)
+                        topic_size=6, n_private=2, private_scale=0.5, value_law="exponential", seed=args.seed)
     x, y, _ = sparse_topics(spec)
     x_tr, y_tr, x_te, y_te = x[:args.n_train], y[:args.n_train], x[args.n_train:], y[args.n_train:]
     start = time.perf_counter()

@@ -75,7 +75,8 @@ def find_idx_files(data_dir: str | os.PathLike) -> dict[str, Path]:
     """The paths of the four files (keys of ``PARTS``) in ``data_dir``, ``data_dir/raw`` or ``data_dir/*/raw``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise IdxError(f"--data {data_dir} is not a folder; pass the folder holding the IDX files (or torchvision's root)")
+        raise IdxError(f"--data {data_dir} is not a folder; pass the folder holding the IDX files "
+                       f"(or torchvision's root)")
     folders = [data_dir, data_dir / "raw"] + sorted(p / "raw" for p in data_dir.iterdir() if p.is_dir())
     for folder in folders:
         if not folder.is_dir():

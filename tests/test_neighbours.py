@@ -98,6 +98,20 @@ def test_exclude_self_never_returns_the_query(n, n_neighbours, seed, metric):
     assert not (rows == queries[:, None]).any()
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(5, 150), st.integers(2, 300), st.integers(1, 6), st.integers(1, 12), st.integers(0, 10_000))
+def test_compiled_code_search_equals_its_reference_twin(n, n_latents, k, n_neighbours, seed):
+    rng = np.random.default_rng(seed)
+    k, n_neighbours = min(k, n_latents), min(n_neighbours, n - 1)
+    codes = _random_codes(rng, n, n_latents, k)
+    codes.values[:, -1][rng.random(n) < 0.3] = 0.0  # explicit zeros in the lists
+    queries = rng.choice(n, min(n, 17), replace=False)
+    fast = NeighbourIndex().fit(codes).search(codes.take(queries), n_neighbours, exclude=queries)
+    plain = NeighbourIndex(fast=False).fit(codes).search(codes.take(queries), n_neighbours, exclude=queries)
+    np.testing.assert_allclose(fast[0], plain[0], atol=1e-6)
+    np.testing.assert_array_equal(fast[1], plain[1])  # same float32 sums here, so the same ties
+
+
 def test_sparse_batches_cut_by_candidate_count_give_the_same_answer(monkeypatch):
     rng = np.random.default_rng(3)
     codes = _random_codes(rng, 200, 16, 3)

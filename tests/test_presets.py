@@ -97,6 +97,7 @@ def _cli(*argv):
     return done.returncode, done.stdout, done.stderr
 
 
+@pytest.mark.slow  # a second process importing torch, and four stages rerun: ~15-25 s on 2 shared cores
 def test_changed_setting_reruns_exactly_its_dependents_through_the_cli(digits_run, tmp_path):
     out, _, _ = digits_run
     run = tmp_path / "run"
@@ -119,8 +120,7 @@ def test_changed_setting_reruns_exactly_its_dependents_through_the_cli(digits_ru
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     rc, _, err = _cli("--out", str(tmp_path / "x"), "--sae-epochs", "0")
     assert rc == 2 and err.startswith("reproduce.py: error: --sae-epochs must be > 0") and err.count("\n") == 1
-    rc, _, err = _cli("--preset", "mnist", "--out", str(tmp_path / "y"))
-    assert rc == 2 and "needs --data" in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "backbone").exists()
 
 
 def test_quick_keeps_explicit_settings():
@@ -128,6 +128,8 @@ def test_quick_keeps_explicit_settings():
     assert config.quick and config.cnn_epochs == 3 and config.sae_epochs == 40.0
     with pytest.raises(ValueError, match="--preset"):
         preset_config("cifar")
+    with pytest.raises(ValueError, match="--preset mnist needs --data DIR"):
+        preset_config("mnist")
 
 
 def test_mnist_preset_on_idx_files(tmp_path):
@@ -171,7 +173,8 @@ def test_imagenet_clip_preset_end_to_end_with_a_stand_in_model(tmp_path):
     recipe = store.meta["backbone_info"]["recipe"]
     assert recipe["name"] == "paper-clip-vit-b16" and recipe["model_used"] == "vit_tiny_patch16_224"
     assert recipe["model"] == "vit_base_patch16_clip_quickgelu_224.openai" and recipe["stand_in"]
-    assert store.meta["preprocessing"]["resize_short_side"] == 256 and store.meta["preprocessing"]["input_size"] == [3, 224, 224]
+    preprocessing = store.meta["preprocessing"]
+    assert preprocessing["resize_short_side"] == 256 and preprocessing["input_size"] == [3, 224, 224]
     assert store.meta["normalize"] is True
     np.testing.assert_allclose(np.linalg.norm(store.x, axis=1), 1.0, rtol=1e-5)
     assert len(store.split["test"]) == 150 and len(store.split["train"]) == 9 and len(store.split["val"]) == 6
@@ -195,7 +198,8 @@ def test_clip_sae_made_otherwise_warns_naming_both(tmp_path):
     cache.results = {n: StageResult(n, "k" * 64, tmp_path / n, {}, 0.0, False) for n in ("store", "sae")}
     with pytest.warns(UserWarning, match=r"'paper-clip-vit-b16'.*'vit_base_patch16_clip_224.openai'"):
         assert check_clip_sae(cache)
-    write_json(tmp_path / "store" / "meta.json", {"backbone": "x", "backbone_info": {"recipe": {"name": "paper-clip-vit-b16"}}})
+    recipe = {"recipe": {"name": "paper-clip-vit-b16"}}
+    write_json(tmp_path / "store" / "meta.json", {"backbone": "x", "backbone_info": recipe})
     assert check_clip_sae(cache) == []
 
 
@@ -242,3 +246,18 @@ def test_a_run_killed_during_sae_training_resumes_to_the_same_weights(tmp_path):
     assert rc == 0, err
     same = [(tmp_path / d / "sae" / "sae.safetensors").read_bytes() for d in ("a", "b")]
     assert same[0] == same[1]
+
+
+def test_a_failing_study_is_a_failed_section_with_its_traceback(tmp_path):
+    from analysis.pipeline import Stage, StageCache
+    from analysis.presets import run_section
+
+    def boom(out_dir, parents):
+        raise ValueError("the study broke")
+
+    cache = StageCache(tmp_path, log=lambda _: None)
+    status = run_section(cache, "concepts", Stage("concepts", {}, boom))
+    assert status["status"] == "failed" and "the study broke" in status["reason"]
+    assert "Traceback" in (tmp_path / "stages" / "concepts.error.txt").read_text()
+    assert run_section(cache, "ttt", "analysis/ttt_study.py is not in this tree") == {
+        "status": "missing", "reason": "analysis/ttt_study.py is not in this tree"}

@@ -44,7 +44,8 @@ def test_direction_verdicts():
     assert direction_verdict({"value": 0.005, "se": 0.01}, None, ">").startswith("inconclusive")
     assert direction_verdict({"value": -0.05, "se": 0.01}, None, ">") == "contradicts it"
     assert direction_verdict({"value": 30, "se": 1}, {"value": 80, "se": 1}, "<") == "supports the claim"
-    rows = [{"n_features": 25, "gain": {"value": 0.1, "se": 0.01}}, {"n_features": 400, "gain": {"value": 0.0, "se": 0.01}}]
+    rows = [{"n_features": 25, "gain": {"value": 0.1, "se": 0.01}},
+            {"n_features": 400, "gain": {"value": 0.0, "se": 0.01}}]
     assert width_verdict(rows)["verdict"] == "supports the claim"
     assert width_verdict(rows[:1]) is None
 
@@ -61,7 +62,7 @@ def test_report_has_the_schema_and_paper_comparisons(tmp_path):
     assert rows["ttt.global_acc"]["verdict"].startswith(("agrees", "differs"))
     assert "sharing" not in report  # the missing concept study leaves no numbers behind
     assert report["sections"]["concepts"]["status"] == "missing"
-    assert report["timings"]["ttt"] == {"seconds": 1.5, "reused": False}
+    assert report["timings"]["ttt"] == {"seconds": 1.5, "cpu_seconds": None, "reused": False}
     assert report["provenance"]["artifacts"]["ttt"]["key"] == "f" * 64
     claims = {c["claim"]: c["verdict"] for c in report["claims"]}
     assert claims["TTT beats the global head"] == "supports the claim"
@@ -100,3 +101,12 @@ def test_a_missing_plot_file_is_said_not_hidden(tmp_path):
 def test_no_numbers_at_all_says_so(tmp_path):
     page = render_html(build_report("digits", {}, {}, {"ttt": {"status": "missing", "reason": "r"}}, tmp_path), tmp_path)
     assert "No headline number could be computed" in page
+
+
+def test_paper_ttt_values_follow_the_space_the_study_ran_in(tmp_path):
+    stage = _stage("ttt", tmp_path, _ttt_metrics())
+    raw = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path)["comparisons"]}
+    assert raw["ttt.global_acc"]["paper"]["value"] == pytest.approx(0.7833)
+    stage.settings = {"space": "codes"}
+    codes = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path)["comparisons"]}
+    assert codes["ttt.global_acc"]["paper"]["value"] == pytest.approx(0.7145)

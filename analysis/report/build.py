@@ -61,14 +61,19 @@ def _visuals(cache: StageCache, report_dir: Path, seed: int, n_neighbours: int, 
     except Exception as e:  # the cards still show concepts and neighbours; the page says predictions are absent
         log(f"report: no predictions on the image cards ({type(e).__name__}: {e})")
         predictions = None
-    return gallery, build_cards(store, codes, assets, rows, predictions=predictions, namer=namer)
+    cards = build_cards(store, codes, assets, rows, predictions=predictions, namer=namer)
+    if predictions:
+        cards["predictions_note"] = (f"'global' is the CNN backbone's own head, 'TTT' that head after local TTT on the "
+                                     f"{n_neighbours} nearest training embeddings (L2)")
+    return gallery, cards
 
 
 def _own_plots(cache: StageCache, report_dir: Path) -> dict:
     """The report's own plots, drawn from the sweep rows at report time (so they follow the current plot code)."""
     from analysis.report.plots import plot_width
 
-    width = (cache.results.get("width") and cache.results["width"].result.get("metrics", {}).get("sweeps", {}).get("width"))
+    stage = cache.results.get("width")
+    width = stage and stage.result.get("metrics", {}).get("sweeps", {}).get("width")
     if not width:
         return {}
     plot_width(width, report_dir / "width.png")
@@ -77,7 +82,7 @@ def _own_plots(cache: StageCache, report_dir: Path) -> dict:
 
 def write_report(preset: str, settings: dict, cache: StageCache, sections: dict, log=print) -> dict:
     """Assemble and write ``report.json`` and ``report.html`` into the cache's run directory; returns the report."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_dir = cache.run_dir
     report_dir = run_dir / "report"
     report_dir.mkdir(exist_ok=True)
@@ -87,7 +92,8 @@ def write_report(preset: str, settings: dict, cache: StageCache, sections: dict,
         report["gallery"] = gallery
     if cards:
         report["cards"] = cards
-    report["timings"]["report"] = {"seconds": time.perf_counter() - t0, "reused": False}
+    report["timings"]["report"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                   "reused": False}
     report = json.loads(json.dumps(report))  # the canonical JSON form (tuples become lists), as report.json holds it
     write_json(run_dir / "report.json", report)
     write_html(report, run_dir, run_dir / "report.html")

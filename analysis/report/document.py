@@ -14,7 +14,7 @@ Schema (``"schema": "ttt-concepts-report/1"``)::
     plots                                          {name: path relative to the run directory}
     gallery, cards                                 concept gallery and image cards (see analysis.report.gallery)
     provenance                                     versions, artifacts {stage: {"dir", "key", "hashes"}}
-    timings                                        {stage: {"seconds", "reused"}}, "total_s"
+    timings                                        {stage: {"seconds", "cpu_seconds", "reused"}}, "total_s"
 
 A section whose stage is missing or failed has no numbers at all: never a placeholder.
 """
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from analysis.pipeline import StageResult
-from analysis.report.paper import CLAIMS, DIRECTIONS, PAPER_VALUES, direction_verdict, number_verdict, width_verdict
+from analysis.report.paper import CLAIMS, DIRECTIONS, direction_verdict, number_verdict, paper_values, width_verdict
 from artifacts import package_version
 
 SCHEMA = "ttt-concepts-report/1"
@@ -96,17 +96,19 @@ def build_report(preset: str, settings: dict, results: dict[str, StageResult], s
                 report[key] = metrics[key]
         report["plots"].update(_plots(stage, run_dir))
     report["plots"].update(extra_plots or {})
-    report["comparisons"] = comparisons(report, preset)
+    ttt_space = results["ttt"].settings.get("space") if "ttt" in results else None
+    report["comparisons"] = comparisons(report, preset, ttt_space)
     report["claims"] = claims(report)
     report["provenance"] = provenance(results, versions)
-    report["timings"] = {name: {"seconds": r.seconds, "reused": r.reused} for name, r in results.items()}
+    report["timings"] = {name: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "reused": r.reused}
+                         for name, r in results.items()}
     report["timings"]["total_s"] = sum(r.seconds for r in results.values())
     return report
 
 
-def comparisons(report: dict, preset: str) -> list[dict]:
+def comparisons(report: dict, preset: str, ttt_space: str | None = None) -> list[dict]:
     """One row per reported headline number: ours, the paper's (where the preset mirrors it), the verdict."""
-    paper = PAPER_VALUES.get(preset, {})
+    paper = paper_values(preset, ttt_space)
     rows = []
     for metric, claim in CLAIMS.items():
         ours = lookup(report, metric)

@@ -129,7 +129,8 @@ def render_gallery(gallery: dict | None, run_dir: Path | None = None) -> str:
     run_dir = Path(gallery["run_dir"]) if gallery.get("run_dir") else run_dir
     rows = []
     for c in gallery["concepts"]:
-        thumbs = "".join(_img(run_dir, rel, f"row {r}: {i}") for rel, r, i in zip(c["images"], c["top_rows"], c["top_ids"]))
+        thumbs = "".join(_img(run_dir, rel, f"row {r}: {i}")
+                         for rel, r, i in zip(c["images"], c["top_rows"], c["top_ids"]))
         rows.append(f"<tr><td>concept {c['latent']}</td><td>{_esc(c['description'])}</td>"
                     f"<td class=num>{100 * c['frequency']:.1f}% ({c['n_rows']})</td><td class=thumbs>{thumbs}</td></tr>")
     note = f"<p class=small>{_esc(gallery['images_note'])}</p>" if gallery.get("images_note") else ""
@@ -145,7 +146,8 @@ def render_cards(cards: dict | None, run_dir: Path | None = None) -> str:
     out = []
     for c in cards["cards"]:
         concepts = "".join(f"<li><b>{k['shared_by']}/{len(c['neighbours'])}</b> neighbours share concept {k['latent']} "
-                           f"<span class=small>({_esc(k['description'].split(';')[0])})</span></li>" for k in c["concepts"])
+                           f"<span class=small>({_esc(k['description'].split(';')[0])})</span></li>"
+                           for k in c["concepts"])
         neighbours = "".join(_img(run_dir, n["image"], f"row {n['row']}: {n['label']}") for n in c["neighbours"])
         pred = (f"global: <b>{_esc(c['global'])}</b>, TTT: <b>{_esc(c['ttt'])}</b>" if c.get("ttt") is not None
                 else "predictions: not made in this run")
@@ -153,4 +155,6 @@ def render_cards(cards: dict | None, run_dir: Path | None = None) -> str:
                    f"<b>{_esc(c['id'])}</b><br>label <b>{_esc(c['label'])}</b><br>{pred}<br><span class=small>"
                    f"{len(c['neighbours'])} nearest training neighbours use {c['union']} distinct concepts</span>"
                    f"</div></div><ul>{concepts}</ul><div class=thumbs>{neighbours}</div></div>")
-    return f"<div class=cards>{''.join(out)}</div>"
+    note = (f"<p class=small>Neighbours on the cards are the nearest training images in {_esc(cards.get('space'))}; "
+            f"{_esc(cards.get('predictions_note') or 'no predictions were made for them in this run')}.</p>")
+    return f"{note}<div class=cards>{''.join(out)}</div>"

@@ -43,7 +43,8 @@ INTRO = (
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
 main{max-width:1180px;margin:0 auto;padding:20px 28px 60px}
-h1{font-size:1.6rem;margin:.2em 0} h2{font-size:1.25rem;margin-top:2em;border-bottom:2px solid #d6dbe3;padding-bottom:.2em}
+h1{font-size:1.6rem;margin:.2em 0}
+h2{font-size:1.25rem;margin-top:2em;border-bottom:2px solid #d6dbe3;padding-bottom:.2em}
 p.lead{font-size:1.02rem;line-height:1.5;max-width:60em}
 table{border-collapse:collapse;width:100%;background:#fff;font-size:.92rem;margin:.6em 0}
 th,td{border:1px solid #d6dbe3;padding:6px 8px;text-align:left;vertical-align:top}
@@ -112,8 +113,8 @@ def summary_table(report: dict) -> str:
             rows.append(f"<tr><td>{esc(c['claim'])}</td><td><code>{esc(c['metric'])}</code></td>"
                         f"<td class=num>{esc(fmt_measure(c['metric'], c['ours']))}</td></tr>")
             continue
-        paper_text = f"{fmt_measure(c['metric'], {**paper, 'n': None})}<br><span class=small>{esc(paper['where'])}</span>" \
-            if paper else esc(c.get("paper_text") or "—")
+        paper_text = (f"{fmt_measure(c['metric'], {**paper, 'n': None})}<br>"
+                      f"<span class=small>{esc(paper['where'])}</span>") if paper else esc(c.get("paper_text") or "—")
         rows.append(
             f"<tr><td>{esc(c['claim'])}</td><td><code>{esc(c['metric'])}</code></td>"
             f"<td class=num>{esc(fmt_measure(c['metric'], c['ours']))}</td><td class=num>{paper_text}</td>"
@@ -150,7 +151,8 @@ def plots_grid(report: dict, run_dir: Path) -> str:
     for name, rel in report.get("plots", {}).items():
         uri = image_uri(run_dir / rel)
         if uri is None:
-            figures.append(f"<figure class=missing><figcaption>{esc(name)}: file {esc(rel)} is missing</figcaption></figure>")
+            figures.append(f"<figure class=missing><figcaption>{esc(name)}: file {esc(rel)} is missing"
+                           "</figcaption></figure>")
             continue
         caption = PLOT_CAPTIONS.get(name, "")
         figures.append(f"<figure><img src=\"{uri}\" alt=\"{esc(name)}\"><figcaption>{esc(caption)} "
@@ -178,13 +180,17 @@ def provenance_block(report: dict) -> str:
         f"<td class=small>{esc(json.dumps(a.get('hashes', {}), sort_keys=True))}</td></tr>"
         for name, a in prov.get("artifacts", {}).items())
     timings = report.get("timings", {})
-    trows = "".join(f"<tr><td>{esc(k)}</td><td class=num>{v['seconds']:.1f} s</td><td>{'reused' if v['reused'] else 'computed'}</td></tr>"
+    trows = "".join(f"<tr><td>{esc(k)}</td><td class=num>{v['seconds']:.1f} s</td><td class=num>"
+                    f"{'—' if v.get('cpu_seconds') is None else format(v['cpu_seconds'], '.1f') + ' s'}</td>"
+                    f"<td>{'reused' if v['reused'] else 'computed'}</td></tr>"
                     for k, v in timings.items() if isinstance(v, dict))
     settings = esc(json.dumps(report.get("settings", {}), indent=1, sort_keys=True))
     return (f"<h3>Versions</h3><table>{versions}</table><h3>Settings</h3><pre class=small>{settings}</pre>"
-            f"<h3>Artifacts</h3><table><tr><th>Stage</th><th>Key</th><th>Directory</th><th>Settings</th><th>Hashes</th></tr>{arts}</table>"
-            f"<h3>Stage timings</h3><table id=timings><tr><th>Stage</th><th>Time</th><th>This run</th></tr>{trows}"
-            f"<tr><td>total (as computed)</td><td class=num>{timings.get('total_s', 0.0):.1f} s</td><td></td></tr></table>")
+            f"<h3>Artifacts</h3><table><tr><th>Stage</th><th>Key</th><th>Directory</th><th>Settings</th>"
+            f"<th>Hashes</th></tr>{arts}</table>"
+            f"<h3>Stage timings</h3><table id=timings><tr><th>Stage</th><th>Wall time</th><th>CPU time</th>"
+            f"<th>This run</th></tr>{trows}<tr><td>total (as computed)</td><td class=num>"
+            f"{timings.get('total_s', 0.0):.1f} s</td><td></td><td></td></tr></table>")
 
 
 def render_html(report: dict, run_dir: Path) -> str:
