@@ -21,18 +21,22 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 PAPER_PROVENANCE: dict[str, Any] = {
-    "backbone": "vit_base_patch16_clip_224.openai",
-    "description": "OpenAI CLIP ViT-B/16 image embeddings (the 512-d projection), L2-normalised",
+    # The paper's recipe (embeddings/recipes.py, "paper-clip-vit-b16"; a test keeps the two equal): OpenAI's
+    # QuickGELU CLIP, the short side resized to 256, a 224 centre crop, CLIP's mean and std.
+    "backbone": "paper-clip-vit-b16",
+    "description": "OpenAI CLIP ViT-B/16 (QuickGELU) image embeddings (the 512-d projection), L2-normalised",
     "output_kind": "head",
     "normalize": True,
-    # CLIP's own eval transform: bicubic resize to 224, centre crop 224, CLIP's mean and std.
     "preprocessing": {
         "input_size": [3, 224, 224],
         "interpolation": "bicubic",
         "mean": OPENAI_CLIP_MEAN,
         "std": OPENAI_CLIP_STD,
-        "crop_pct": 1.0,
+        "crop_pct": 224 / 256,
         "crop_mode": "center",
+        "resize_short_side": 256,
+        "recipe": "paper-clip-vit-b16",
+        "model": "vit_base_patch16_clip_quickgelu_224.openai",
     },
     "d": 512,
     "source": "the authors' release (patrikwolf/clip-topk-sae), trained on ImageNet CLIP embeddings",

@@ -77,9 +77,7 @@ def test_differences_compare_only_what_both_records_know():
         "output_kind: SAE trained on 'head', store has 'pre_logits'"]
 
 
-def test_the_authors_sae_matches_a_paper_clip_store_and_not_a_digits_store():
-    clip_store = store_provenance({**CLIP_META, "d": 512})
-    assert provenance_differences(PAPER_PROVENANCE, clip_store) == []
+def test_the_authors_sae_warns_on_a_digits_store():
     digits = store_provenance({"backbone": "digits-cnn", "output_kind": "pre_logits", "normalize": False, "d": 200})
     with pytest.warns(ProvenanceWarning):
         diffs = warn_if_different(PAPER_PROVENANCE, digits, "paper", "digits")
@@ -94,3 +92,18 @@ def test_an_sae_trained_on_a_plain_array_saves_frequency_on_its_training_sample(
     assert read_provenance(tmp_path / "sae") is None
     freq = read_latent_frequency(tmp_path / "sae")
     assert freq.shape == (16,) and 0 < freq.sum() <= 2
+
+
+def test_the_authors_sae_provenance_is_the_paper_recipe_so_a_paper_store_does_not_warn():
+    from embeddings.recipes import PAPER_CLIP, RECIPES, recipe_preprocessing
+
+    from sae.provenance import PAPER_PROVENANCE, provenance_differences
+
+    recipe = RECIPES[PAPER_CLIP]
+    store_record = {"backbone": PAPER_CLIP, "output_kind": recipe.output, "normalize": recipe.normalize, "d": 512,
+                    "preprocessing": recipe_preprocessing(recipe, recipe.model)}
+    assert provenance_differences(PAPER_PROVENANCE, store_record) == []
+    # The GELU model with timm's default transform is another space, and is named as such.
+    gelu = {**store_record, "backbone": "vit_base_patch16_clip_224.openai",
+            "preprocessing": {**store_record["preprocessing"], "crop_pct": 0.9}}
+    assert len(provenance_differences(PAPER_PROVENANCE, gelu)) == 2
