@@ -180,7 +180,8 @@ class QueryEngine:
         random_union = nbh.union_sizes(self.sparse, random_rows)
         percentile = 100.0 * (np.mean(random_union > union) + 0.5 * np.mean(random_union == union))
         return {"size": int(union), "min": k, "max": n_nb * k,
-                "random_mean": float(random_union.mean()), "random_se": float(random_union.std(ddof=1) / np.sqrt(N_RANDOM)),
+                "random_mean": float(random_union.mean()),
+                "random_se": float(random_union.std(ddof=1) / np.sqrt(N_RANDOM)),
                 "random_n": N_RANDOM, "percentile": float(percentile)}
 
     def _label(self, row: int) -> str | None:

@@ -6,7 +6,8 @@ at lr 1e-2 (the paper's ImageNet protocol). Prints the matmul kernels' speed on 
 (global / TTT / majority, so that the benchmark is visibly not degenerate), the agreement of the modes, and
 each mode's queries per second with its ratio to the reference loop.
 
-    python benchmarks/bench_ttt.py [--n-train 30000] [--n-test 2000] [--n-exact 300] [--n-ref 40] [--threads 2]
+    python benchmarks/bench_ttt.py [--n-train 30000] [--n-test 2000] [--n-exact 300] [--n-ref 40] [--n-bf16 300]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=2000, help="test queries of the fast mode and the baselines")
     p.add_argument("--n-exact", type=int, default=300, help="queries of the exact mode (a prefix of the test set)")
     p.add_argument("--n-ref", type=int, default=40, help="queries of the reference loop (a prefix)")
+    p.add_argument("--n-bf16", type=int, default=300, help="queries of the bf16 exact mode (a prefix)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--head-epochs", type=int, default=8, help="epochs of the global head")
     p.add_argument("--device", default="cpu", help="device of the batched modes (the reference stays on CPU)")
@@ -105,7 +107,7 @@ def main() -> None:
     single_search = (time.perf_counter() - start) / 100
     print(f"neighbour search: batched {batched_search * 1e3:.3f} ms/query, one query at a time "
           f"{single_search * 1e3:.3f} ms/query")
-    sizes = {"reference": args.n_ref, "exact": args.n_exact, "fast": args.n_test, "exact bf16": args.n_exact,
+    sizes = {"reference": args.n_ref, "exact": args.n_exact, "fast": args.n_test, "exact bf16": min(args.n_bf16, args.n_exact),
              "fast bf16": args.n_test}
     results, per_query = {}, {}
     for name, ttt in ttts.items():

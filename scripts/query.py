@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from analysis.query import QueryEngine, embed_image, format_text
 from analysis.spaces import SPACE_NAMES

@@ -13,7 +13,10 @@ command, continues with the queries not yet done.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import textwrap
 import typing
 from pathlib import Path
 
@@ -36,6 +39,16 @@ def _flag_type(field: dataclasses.Field):
     return {"type": args[0] if args else hint}
 
 
+def _field_docs(cls) -> dict[str, str]:
+    """The one-line docstring under each field of a config dataclass, read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            docs[field.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="embedding store directory (STORE_DIR)")
@@ -43,9 +56,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sae", help="SAE directory: adds the mask and agreement analyses (needs --codes)")
     parser.add_argument("--codes", help="codes of the store made with --sae (scripts/encode.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete RESULTS_DIR")
+    docs = _field_docs(TTTStudyConfig)
     for f in dataclasses.fields(TTTStudyConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f"default {f.default}",
-                            **_flag_type(f))
+        text = docs.get(f.name, "").replace("%", "%%")
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=f"{text} (default {f.default})", **_flag_type(f))
     return parser.parse_args(argv)
 
 

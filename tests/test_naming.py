@@ -25,10 +25,12 @@ def _labelled_codes():
 def test_names_say_what_the_labels_say():
     codes, labels = _labelled_codes()
     d = {c["latent"]: c for c in describe_concepts(codes, labels, CLASSES, n_top=3)}
-    assert d[0]["description"] == "mostly 'tabby cat' (100% of 4 images); top 3: 100% 'tabby cat'; fires on 33.3% of images (4)"
+    assert d[0]["description"] == ("mostly 'tabby cat' (100% of 4 images); top 3: 100% 'tabby cat'; "
+                                   "fires on 33.3% of images (4)")
     assert d[0]["all_labels"] == {"n": 4, "top_label": "tabby cat", "purity": 1.0, "labels": {"tabby cat": 4}}
     assert d[1]["all_labels"]["top_label"] == "ship" and d[2]["all_labels"]["purity"] == 1.0
-    assert d[3]["all_labels"] == {"n": 5, "top_label": "tabby cat", "purity": 0.8, "labels": {"tabby cat": 4, "ship": 1}}
+    assert d[3]["all_labels"] == {"n": 5, "top_label": "tabby cat", "purity": 0.8,
+                                  "labels": {"tabby cat": 4, "ship": 1}}
     assert d[3]["description"].startswith("mostly 'tabby cat' (80% of 5 images)")
     # Top rows: strongest first (values grow with the row here).
     assert d[0]["top_rows"] == [3, 2, 1] and d[0]["top_values"] == pytest.approx([2.3, 2.2, 2.1])
@@ -47,7 +49,8 @@ def test_unlabelled_store_is_described_by_frequency_and_top_images():
     codes, _ = _labelled_codes()
     d = describe_concepts(codes, np.full(12, -1), [], latents=[1])[0]
     assert d["all_labels"] is None and d["top_labels"] is None
-    assert d["description"] == "fires on 33.3% of images (4); unlabelled store: described by frequency and top images only"
+    assert d["description"] == ("fires on 33.3% of images (4); unlabelled store: described by frequency and "
+                                "top images only")
     assert d["top_rows"] == [7, 6, 5, 4]
 
 
