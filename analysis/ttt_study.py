@@ -280,9 +280,10 @@ def concept_analyses(store, sae, codes, data: _Data, config: TTTStudyConfig) -> 
     qrows = data.test[_sample(np.arange(data.test.size), config.n_mask_queries, config.seed + 4)]
     y_train, y_q = data.labels[data.train], data.labels[qrows]
     n_out = int(data.labels.max()) + 1
-    dense_head = train_head(recon.rows(data.train), y_train, config.head_config(), n_outputs=n_out, device=config.device)
+    recon_train = recon.rows(data.train)
+    dense_head = train_head(recon_train, y_train, config.head_config(), n_outputs=n_out, device=config.device)
     dense = LocalTTT(dense_head, config.ttt(impl="exact" if config.impl == "reference" else config.impl),
-                     device=config.device, memory_bytes=config.memory_mb << 20).fit(recon.rows(data.train), y_train)
+                     device=config.device, memory_bytes=config.memory_mb << 20).fit(recon_train, y_train)
     x_q = recon.rows(qrows)
     neighbours = dense.neighbours(x_q)
     dense_result = dense.predict(x_q, neighbours=neighbours)
