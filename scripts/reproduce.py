@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from analysis.presets import PRESETS, reproduce
-from artifacts import ArtifactError
+from artifacts.cli import run_main
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,23 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = {k: getattr(args, k) for k in ("data", "quick", "seed", "cnn_width", "cnn_epochs", "sae_n_latents",
                                               "sae_k", "sae_epochs", "n_neighbours", "backbone", "weights", "sae")}
-    try:
-        if args.study_set:
-            settings["study"] = study_settings(args.study_set)
-        if args.widths is not None:
+    if args.study_set:
+        settings["study"] = study_settings(args.study_set)
+    if args.widths is not None:
+        try:
             settings["widths"] = tuple(int(w) for w in args.widths.split(",") if w.strip())
-    except ValueError as e:
-        print(f"reproduce.py: error: {e}" if "--study-set" in str(e) else
-              f"reproduce.py: error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
-        return 2
+        except ValueError:
+            raise ValueError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
     out = args.out or f"runs/{args.preset}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            report = reproduce(args.preset, out, device=args.device, threads=args.threads, **settings)
-    except (ArtifactError, ValueError, FileNotFoundError) as e:
-        print(f"reproduce.py: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        report = reproduce(args.preset, out, device=args.device, threads=args.threads, **settings)
     failed = {k: v for k, v in report["sections"].items() if v["status"] == "failed"}
     for row in report["comparisons"]:
         name = row["metric"] if row["metric"] != "theory.claims" else row["claim"][:60]
@@ -95,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -119,7 +119,7 @@ def test_changed_setting_reruns_exactly_its_dependents_through_the_cli(digits_ru
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     rc, _, err = _cli("--out", str(tmp_path / "x"), "--sae-epochs", "0")
-    assert rc == 2 and err.startswith("reproduce.py: error: --sae-epochs must be > 0") and err.count("\n") == 1
+    assert rc == 2 and err.startswith("error: --sae-epochs must be > 0") and err.count("\n") == 1
     assert not (tmp_path / "x" / "backbone").exists()
 
 
