@@ -15,14 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artifacts import atomic_file  # noqa: E402
-
-
-def _save(fig, path: Path) -> str:
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+from analysis.figures import save_figure  # noqa: E402
 
 
 def plot_unions(unions: dict[str, np.ndarray], bounds: dict, path: Path) -> str:
@@ -40,7 +33,7 @@ def plot_unions(unions: dict[str, np.ndarray], bounds: dict, path: Path) -> str:
     ax.set_ylabel("neighbourhoods")
     ax.set_title("How many concepts do neighbourhoods use?")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_o1(cosines: dict[str, np.ndarray], path: Path) -> str:
@@ -54,7 +47,7 @@ def plot_o1(cosines: dict[str, np.ndarray], path: Path) -> str:
     ax.set_ylabel("density")
     ax.set_title("O1: concept similarity of neighbours chosen in each space")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def umap_embed(points: np.ndarray, seed: int, max_points: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -85,7 +78,7 @@ def plot_umap(coords: np.ndarray, colours, title: str, path: Path, legend: list[
         fig.colorbar(scatter, ax=ax, shrink=0.7)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([]), ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_all(out_dir: Path, unions: dict, bounds: dict, cosines: dict, store, sae, config,

@@ -13,18 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis.theory_model import ConceptModelConfig, global_error_claim  # noqa: E402
-from artifacts import atomic_file  # noqa: E402
+from analysis.figures import save_figure  # noqa: E402
 
 STYLE = {"global": ("global head", "C0", "o"), "ttt": ("local TTT (paper: 50 steps)", "C3", "s"),
          "knn": ("kNN mean", "C2", "^"), "ttt_converged": ("local ERM, converged", "C1", "D")}
 TITLES = {"locally_sparse": "locally sparse (semantic clusters)", "isotropic": "isotropic supports"}
-
-
-def _save(fig, path: Path) -> str:
-    with atomic_file(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
 
 
 def _series(ax, rows: list[dict], x_key: str, names=("global", "ttt", "ttt_converged", "knn")) -> None:
@@ -56,7 +49,7 @@ def plot_d2(sweeps: dict, m: ConceptModelConfig, path: Path) -> str:
     axes[0].set_ylabel(f"test error vs noiseless target (Var f = 1, σ = {m.noise})")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Global head vs local TTT ({m.n_train} train points, {rows[0]['n_neighbours']} neighbours)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_neighbours(sweeps: dict, m: ConceptModelConfig, path: Path) -> str:
@@ -85,7 +78,7 @@ def plot_neighbours(sweeps: dict, m: ConceptModelConfig, path: Path) -> str:
     ax.set_title(f"TTT error against neighbourhood size (d2 = {m.d2}, d1 = {m.d1}, s = {m.s}, σ = {m.noise})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_regimes(regimes: dict, m: ConceptModelConfig, path: Path) -> str:
@@ -105,7 +98,7 @@ def plot_regimes(regimes: dict, m: ConceptModelConfig, path: Path) -> str:
     ax.set_ylabel("test error")
     ax.set_title(f"Isotropic vs locally sparse concepts (d2 = {m.d2}, d1 = {m.d1}, s = {m.s})")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_s_noise(s_rows: list[dict], noise_rows: list[dict], m: ConceptModelConfig, path: Path) -> str:
@@ -120,4 +113,4 @@ def plot_s_noise(s_rows: list[dict], noise_rows: list[dict], m: ConceptModelConf
         ax.legend(fontsize=8)
     axes[0].set_ylabel("test error")
     fig.suptitle(f"Locally sparse regime, d2 = {m.d2}, d1 = {m.d1}, {s_rows[0]['n_neighbours']} neighbours")
-    return _save(fig, path)
+    return save_figure(fig, path)

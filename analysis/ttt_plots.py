@@ -9,13 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+from analysis.figures import save_figure  # noqa: E402
 
 
 def accuracy_bars(measures: dict[str, dict], path: Path, title: str) -> str:
@@ -29,7 +23,7 @@ def accuracy_bars(measures: dict[str, dict], path: Path, title: str) -> str:
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(v + e for v, e in zip(values, errors)) + 0.03))
     ax.set_ylabel("accuracy (± 1 s.e.)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sweep_curve(rows: list[dict], key: str, path: Path, xlabel: str, log_x: bool = False) -> str:
@@ -45,7 +39,7 @@ def sweep_curve(rows: list[dict], key: str, path: Path, xlabel: str, log_x: bool
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (± 1 s.e.)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def locality_bars(locality: dict, path: Path) -> str:
@@ -65,4 +59,4 @@ def mask_histogram(kept: np.ndarray, union: np.ndarray, path: Path, lam: float) 
     ax.set_xlabel("concepts")
     ax.set_ylabel("queries")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

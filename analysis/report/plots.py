@@ -11,15 +11,8 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from analysis.figures import save_figure  # noqa: E402
 
-DPI = 110
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
 
 
 def _se(m: dict) -> float:
@@ -40,7 +33,7 @@ def plot_accuracies(named: dict[str, dict], path: Path, title: str) -> Path:
         ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("accuracy (%) ± 1 SE")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return Path(save_figure(fig, path))
 
 
 def plot_n_neighbours(rows: list[dict], path: Path) -> Path:
@@ -57,7 +50,7 @@ def plot_n_neighbours(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("test accuracy (%) ± 1 SE")
     ax.legend(fontsize=8)
     ax.set_title("Neighbourhood-size sweep", fontsize=10)
-    return _save(fig, path)
+    return Path(save_figure(fig, path))
 
 
 def _width_axis(ax, xs) -> None:
@@ -86,4 +79,4 @@ def plot_width(rows: list[dict], path: Path) -> Path:
     ax2.set_ylabel("test error (%) ± 1 SE")
     ax2.legend(fontsize=8)
     ax2.set_title("Error vs model width", fontsize=10)
-    return _save(fig, path)
+    return Path(save_figure(fig, path))
