@@ -153,16 +153,22 @@ def update_concentration(delta_W: Tensor, decoder: Tensor, active: list[np.ndarr
 
     ``delta_W`` ``(B, C, d)``: TTT updates of a dense head; ``decoder`` ``(n_latents, d)`` the SAE's atoms;
     ``active[i]``: latents active in neighbourhood ``i``. Energy of atom ``j``: ``‖ΔW d_j‖²`` (the update's
-    response along the atom, summed over classes).
+    response along the atom, summed over classes). Heads whose update is zero are left out; when every one is,
+    the three measures are ``None`` and a ``note`` says why.
     """
     rng = np.random.default_rng(seed)
     energy = torch.matmul(delta_W, decoder.T.to(delta_W.dtype)).pow(2).sum(1).cpu().numpy()  # (B, n_latents)
     total = energy.sum(1)
     own, rand = [], []
     for e, t, ids in zip(energy, total, active):
+        if not t > 0:  # a head that did not move (--steps 0, --lr 0) has no direction to share out
+            continue
         ids = np.asarray(ids, dtype=np.int64)
         own.append(e[ids].sum() / t)
         rand.append(e[rng.choice(len(e), ids.size, replace=False)].sum() / t)
+    if not own:
+        return {"active": None, "random": None, "difference": None,
+                "note": "every TTT update is zero (--steps 0 or --lr 0): no direction to measure"}
     where = "share of the TTT update's energy on the decoder atoms"
     return {"active": measure(own, where + " active in the neighbourhood"),
             "random": measure(rand, where + " of a random set of the same size"),

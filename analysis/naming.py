@@ -85,7 +85,9 @@ class ConceptNamer:
         self.labels = None if labels is None else np.asarray(labels)
         self.classes = list(classes or [])
         self.labelled = bool(self.labels is not None and self.classes and (self.labels >= 0).any())
-        self.per_label = label_counts(codes, self.labels, len(self.classes)) if self.labelled else None
+        # Labels past the class names (a store may name fewer classes than it uses) keep bins of their own.
+        n_classes = max(len(self.classes), int(self.labels.max()) + 1) if self.labelled else 0
+        self.per_label = label_counts(codes, self.labels, n_classes) if self.labelled else None
 
     def describe(self, latent: int, n_top: int = 20) -> dict:
         """A dict: ``latent``, ``n_images`` (rows that use it), ``frequency`` (their share), ``dead``,

@@ -50,7 +50,9 @@ def neighbourhood_stats(codes: SparseCodes, neighbours: np.ndarray, queries: np.
     lat = np.where(active, indices.reshape(m, width), sentinel)
     # One sort of packed keys (latent, entry position) instead of an argsort and two gathers: the position
     # (neighbour * k + slot) comes back from the key, and with it the value and the neighbour.
-    key = np.sort((lat * width).astype(np.int32) + np.arange(width, dtype=np.int32), axis=1)
+    # int32 keys sort faster; wide SAEs with large neighbourhoods need int64 so that the keys never wrap.
+    key_type = np.int32 if (sentinel + 1) * width <= np.iinfo(np.int32).max else np.int64
+    key = np.sort((lat * width).astype(key_type) + np.arange(width, dtype=key_type), axis=1)
     lat, pos = key // width, key % width
     mass = np.take_along_axis(np.where(active, values.reshape(m, width), 0.0), pos, 1)
     is_active = lat < sentinel

@@ -58,14 +58,21 @@ def check_parents(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore | None) 
         if config.get("parent_store_hash") not in (None, store.content_hash):
             notes.append(f"the SAE was trained on another store ({config['parent_store_hash'][:12]}...) of width "
                          f"{store.d}")
-    if codes is not None and codes.meta.get("store_hash") not in (None, store.content_hash):
+    if codes is not None:
+        check_codes(store, sae, codes)
+    return notes
+
+
+def check_codes(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore) -> None:
+    """Refuse codes encoded from another store or with another SAE (they would pair rows with other concepts)."""
+    source = getattr(sae, "source_dir", None)
+    if codes.meta.get("store_hash") not in (None, store.content_hash):
         raise ArtifactError(f"codes {codes.codes_dir} were encoded from another store, not {store.store_dir}; "
                             f"re-encode: scripts/encode.py --store {store.store_dir} --sae SAE_DIR --out CODES_DIR")
-    if codes is not None and source is not None and codes.meta.get("sae_hash") not in (None, sae_hash(source)):
+    if source is not None and codes.meta.get("sae_hash") not in (None, sae_hash(source)):
         raise ArtifactError(f"codes {codes.codes_dir} were encoded with another SAE, not {source}; re-encode them")
-    if codes is not None and codes.n != store.n:
+    if codes.n != store.n:
         raise ArtifactError(f"codes {codes.codes_dir} have {codes.n} rows, store {store.store_dir} {store.n}")
-    return notes
 
 
 class QueryEngine:

@@ -21,6 +21,7 @@ from scipy import stats as scipy_stats
 from analysis import neighbourhoods as nbh
 from analysis.naming import firing_counts
 from analysis.neighbours import NeighbourIndex
+from analysis.query import check_codes
 from analysis.spaces import SPACE_NAMES, Space, code_space, embedding_space, reconstruction_space
 from analysis.stats import accuracy, measure, paired_difference
 from embeddings.store import EmbeddingStore
@@ -77,9 +78,10 @@ def study_rows(store: EmbeddingStore, config: ConceptConfig) -> tuple[np.ndarray
     """``(queries, pool, exclude_self)``: test rows (or a seeded sample) and train rows; without those splits,
     every row is both, and a query never counts itself as a neighbour."""
     split = store.split
-    pool = split["train"] if len(split.get("train", ())) else np.arange(store.n)
+    has_train = bool(len(split.get("train", ())))
+    pool = split["train"] if has_train else np.arange(store.n)
     held = next((split[name] for name in ("test", "val") if len(split.get(name, ()))), None)
-    exclude_self = held is None
+    exclude_self = held is None or not has_train  # without a train split the pool holds the queries too
     queries = np.arange(store.n) if held is None else held
     if config.n_queries is not None and config.n_queries < queries.size:
         queries = np.sort(np.random.default_rng(config.seed).choice(queries, config.n_queries, replace=False))
@@ -167,6 +169,7 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
     from analysis import concept_plots
 
     config = config or ConceptConfig()
+    check_codes(store, sae, codes)  # codes of another store would pair rows with other images' concepts
     if codes.n != store.n or codes.n_latents != sae.config.n_latents:
         raise ValueError(f"codes {codes.codes_dir} ({codes.n} rows, {codes.n_latents} latents) do not belong to "
                          f"store {store.store_dir} ({store.n} rows) and this SAE ({sae.config.n_latents} latents); "

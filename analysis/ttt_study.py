@@ -23,6 +23,7 @@ import torch
 from analysis import ttt_plots
 from analysis.heads import HeadConfig, head_features, load_head, predict_head, save_head, train_head
 from analysis.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
+from analysis.query import check_codes
 from analysis.spaces import all_codes, make_space
 from analysis.stats import accuracy, measure, paired_difference
 from analysis.ttt import LocalTTT, TTTConfig, run_local, top_distribution
@@ -96,6 +97,10 @@ class TTTStudyConfig:
             raise ValueError(f"--chunk-size and --memory-mb must be >= 1, got {self.chunk_size}, {self.memory_mb}")
         if any(not 0 < f <= 1 for f in self.sweep_train_fractions):
             raise ValueError(f"--sweep-train-fractions must be in (0, 1], got {self.sweep_train_fractions}")
+        if any(k < 1 for k in self.sweep_neighbours):
+            raise ValueError(f"--sweep-neighbours must all be >= 1, got {self.sweep_neighbours}")
+        if not self.mask_lambda >= 0:
+            raise ValueError(f"--mask-lambda must be >= 0, got {self.mask_lambda}")
 
     def ttt(self, **changes) -> TTTConfig:
         return dataclasses.replace(TTTConfig(n_neighbours=self.n_neighbours, mode=self.mode, steps=self.steps,
@@ -146,6 +151,8 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
     """The TTT study (module doc). ``cache_dir``: where the main evaluation's chunks persist (resumable);
     under ``torchrun`` the main evaluation is split over ``ranks`` and rank 0 alone runs the rest."""
     config = config or TTTStudyConfig()
+    if sae is not None and codes is not None:  # codes of another store would pair rows with other concepts
+        check_codes(store, sae, codes)
     data = _rows(store, config)
     space = make_space(config.space, store, sae, codes)
     x_train, x_test = _features(space, data.train), _features(space, data.test)
@@ -281,13 +288,16 @@ def concept_analyses(store, sae, codes, data: _Data, config: TTTStudyConfig) -> 
     y_train, y_q = data.labels[data.train], data.labels[qrows]
     n_out = int(data.labels.max()) + 1
     recon_train = recon.rows(data.train)
-    dense_head = train_head(recon_train, y_train, config.head_config(), n_outputs=n_out, device=config.device)
+    # Linear heads whatever --head says (the paper's Section 3 heads are linear): the mask multiplies the codes
+    # the last layer reads, and the update concentration projects that layer's update on the decoder atoms.
+    linear = dataclasses.replace(config.head_config(), kind="linear")
+    dense_head = train_head(recon_train, y_train, linear, n_outputs=n_out, device=config.device)
     dense = LocalTTT(dense_head, config.ttt(impl="exact" if config.impl == "reference" else config.impl),
                      device=config.device, memory_bytes=config.memory_mb << 20).fit(recon_train, y_train)
     x_q = recon.rows(qrows)
     neighbours = dense.neighbours(x_q)
     dense_result = dense.predict(x_q, neighbours=neighbours)
-    code_head = train_head(sparse.take(data.train), y_train, config.head_config(), n_outputs=n_out, device=config.device)
+    code_head = train_head(sparse.take(data.train), y_train, linear, n_outputs=n_out, device=config.device)
     train_codes, q_codes = sparse.take(data.train), sparse.take(qrows)
     masks, learned = {}, None
     for kind in ("none", "query", "learned"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from analysis.query import QueryEngine, embed_image, format_text
 from analysis.spaces import SPACE_NAMES
 from artifacts.cli import run_main
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--neighbours must be >= 1, got {args.neighbours}")
     if args.sheet is not None and not args.sheet.lower().endswith(".png"):
         raise ValueError(f"--sheet must name a .png file, got {args.sheet!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:  # torch's own message lists every device type it knows
+        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     store = EmbeddingStore.open(args.store)
     engine = QueryEngine(store, load_sae(args.sae), CodeStore.open(args.codes) if args.codes else None)
     query_image = None

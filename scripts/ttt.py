@@ -25,7 +25,7 @@ from artifacts import (
     SCHEMA_VERSION, ArtifactError, commit_dir, package_version, partial_dir, write_json,
 )
 from artifacts.cli import run_main
-from artifacts.ranks import Ranks, resolve_device
+from artifacts.ranks import Ranks, resolve_device, resolve_device_type
 from embeddings.store import EmbeddingStore
 from sae.checkpoint import load_sae, sae_hash
 from sae.codes import CodeStore
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    try:
+        resolve_device_type(args.device)
+    except RuntimeError as e:  # torch's own message lists every device type it knows
+        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda, cuda:N or auto") from e
     ranks = Ranks.from_env(args.device)
     config = _config(args, str(resolve_device(args.device, ranks)))
     store = EmbeddingStore.open(args.store)

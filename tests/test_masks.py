@@ -81,3 +81,17 @@ def test_update_concentration_finds_the_atoms_the_update_lies_on():
     out = update_concentration(delta, decoder, active, seed=0)
     assert out["active"]["value"] > out["random"]["value"]
     assert out["active"]["n"] == 2
+
+
+def test_update_concentration_leaves_out_updates_that_did_not_move():
+    """A zero update (--steps 0 or --lr 0) has no direction: it is left out, never a 0/0 share."""
+    rng = np.random.default_rng(0)
+    decoder = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(64, 16)).astype(np.float32)), dim=1)
+    active = [np.array([1, 5, 9]), np.array([2, 3, 40]), np.array([7, 8])]
+    delta = torch.stack([torch.from_numpy(rng.normal(size=(4, 1)).astype(np.float32)) * decoder[ids].sum(0)
+                         for ids in active])
+    delta[1] = 0.0
+    out = update_concentration(delta, decoder, active, seed=0)
+    assert out["active"]["n"] == 2 and 0 < out["active"]["value"] <= 1
+    none_moved = update_concentration(torch.zeros_like(delta), decoder, active, seed=0)
+    assert none_moved["active"] is None and none_moved["difference"] is None and "zero" in none_moved["note"]

@@ -82,3 +82,13 @@ def test_namer_refuses_an_unknown_latent():
         ConceptNamer(codes, labels, CLASSES).describe(6)
     with pytest.raises(ValueError, match="at least one"):
         rows_with_latents(codes, [])
+
+
+def test_labels_beyond_the_class_names_are_counted_under_their_own_number():
+    """A store may hold labels without a name (``classes`` shorter than the labels): such a label is counted
+    as itself, never folded into the next latent's counts."""
+    codes = codes_from_arrays(np.ones((4, 1)), np.array([[0], [0], [1], [1]]), 2)
+    labels = np.array([0, 2, 1, 2])
+    namer = ConceptNamer(codes, labels, ["a", "b"])
+    assert namer.describe(0, n_top=2)["all_labels"]["labels"] == {"a": 1, "2": 1}
+    assert namer.describe(1, n_top=2)["all_labels"]["labels"] == {"2": 1, "b": 1}

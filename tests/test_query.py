@@ -180,7 +180,8 @@ def _other_store(tmp, d):
 
 
 @pytest.mark.parametrize("case", ["unknown id", "index out of range", "sae width", "codes of another store",
-                                  "undecodable image", "bad neighbours", "sheet not png", "missing store"])
+                                  "undecodable image", "bad neighbours", "sheet not png", "missing store",
+                                  "unknown device"])
 def test_errors_are_one_line_and_exit_2(planted, digits_store, tmp_path, monkeypatch, capsys, case):
     store_dir, sae_dir, codes_dir = planted
     base = ["--sae", sae_dir, "--store", store_dir]
@@ -197,6 +198,8 @@ def test_errors_are_one_line_and_exit_2(planted, digits_store, tmp_path, monkeyp
         "bad neighbours": (base + ["--index", 0, "--neighbours", 0], "--neighbours must be >= 1"),
         "sheet not png": (base + ["--index", 0, "--sheet", tmp_path / "x.jpg"], "--sheet must name a .png"),
         "missing store": (["--sae", sae_dir, "--store", tmp_path / "nowhere", "--index", 0], "no embedding store"),
+        "unknown device": (["--sae", digits_store / "sae", "--store", digits_store / "store",
+                            "--image", digits_store / "digit7.png", "--device", "tpu"], "--device 'tpu'"),
     }[case]
     code, out, err = run(monkeypatch, capsys, *args)
     assert code == 2 and out == ""

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from analysis import neighbourhoods as nbh
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.sharing import ConceptConfig, concept_study
-from embeddings.store import EmbeddingStore
+from analysis.sharing import ConceptConfig, concept_study, find_neighbours, study_rows
+from analysis.spaces import embedding_space
+from embeddings.store import EmbeddingStore, write_store
 from sae.checkpoint import load_sae
 from sae.codes import CodeStore
 from synthetic_concepts import planted_artifacts, planted_codes, planted_embeddings
@@ -44,6 +45,20 @@ def test_vectorised_stats_equal_the_reference_and_their_bounds(n, n_latents, k, 
     assert ((0 <= fast["jaccard"]) & (fast["jaccard"] <= 1)).all()
     assert (fast["mass50"] <= fast["mass90"]).all() and (fast["mass90"] <= fast["union"]).all()
     assert ((0 <= fast["query_shared"]) & (fast["query_shared"] <= 1)).all()
+
+
+def test_stats_stay_exact_when_latent_ids_times_entries_pass_int32():
+    """The packed sort keys (latent × entries per neighbourhood + entry) outgrow int32 for wide SAEs and large
+    neighbourhoods (65536 latents × 50 neighbours × k 64 = 2^31 + ...): they must not wrap around."""
+    n_latents = 2**30
+    codes = SparseCodes(np.array([[3.0, 2.0], [1.0, 4.0], [5.0, 1.0]], np.float32),
+                        np.array([[n_latents - 1, n_latents - 2], [n_latents - 1, 5], [7, 8]]), n_latents)
+    neighbours, queries = np.array([[0, 1], [1, 2]]), np.array([2, 0])
+    got = nbh.neighbourhood_stats(codes, neighbours, queries)
+    want = nbh.neighbourhood_stats_reference(codes, neighbours, queries)
+    for name in nbh.STAT_NAMES:
+        np.testing.assert_allclose(got[name], want[name], err_msg=name)
+    assert got["query_shared"][1] == 0.25
 
 
 def test_identical_and_disjoint_neighbourhoods_hit_the_bounds():
@@ -154,6 +169,23 @@ def test_concept_study_on_an_unlabelled_store(tmp_path):
     assert "unlabelled" in result["downstream"]["skipped"]
     assert result["sharing"]["union_concepts_mean"]["n"] == 20
     assert result["sharing"]["main_space"] == "codes"
+
+
+def test_without_a_train_split_a_query_is_never_its_own_neighbour(tmp_path):
+    """Queries from the test split, neighbours from every row (there is no train split): the pool holds the
+    queries, so each must be left out of its own neighbourhood."""
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    store = write_store(tmp_path / "store", x, split={"test": np.arange(10)})
+    queries, pool, exclude_self = study_rows(store, ConceptConfig(n_neighbours=5))
+    rows = find_neighbours(embedding_space(store), pool, queries, 5, exclude_self)
+    assert np.array_equal(queries, np.arange(10)) and not (rows == queries[:, None]).any()
+
+
+def test_concept_study_refuses_codes_of_another_store(planted, tmp_path):
+    store, sae, _ = planted
+    _, _, other_codes = planted_artifacts(tmp_path / "other", seed=1)
+    with pytest.raises(Exception, match="encoded from another store"):
+        concept_study(store, sae, CodeStore.open(other_codes), ConceptConfig(n_neighbours=5, umap=False))
 
 
 def test_concept_config_validation_names_the_flag():

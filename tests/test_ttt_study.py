@@ -10,7 +10,7 @@ from analysis.stats import accuracy
 from analysis.ttt import LocalTTT, TTTConfig
 from analysis.ttt_chunks import evaluate
 from analysis.ttt_data import SparseTopics, sparse_topics
-from analysis.ttt_study import TTTStudyConfig, ttt_study
+from analysis.ttt_study import TTTStudyConfig, _rows, concept_analyses, ttt_study
 from artifacts import ArtifactError
 from embeddings.store import EmbeddingStore
 from sae.checkpoint import load_sae
@@ -62,11 +62,37 @@ def test_study_without_sae_and_codes(planted, tmp_path):
     assert _is_measure(out["ttt"]["gain"])
 
 
+def test_concept_analyses_use_linear_heads_under_an_mlp_study(planted):
+    """The masks act on the codes the last layer reads and the update is projected on the decoder atoms: both
+    need a linear head, also when the main study's head is an MLP (whose hidden width is not n_latents)."""
+    store, sae, codes = planted
+    config = TTTStudyConfig(**{**SMALL, "head": "mlp", "hidden": 8})
+    out = concept_analyses(store, sae, codes, _rows(store, config), config)
+    assert set(out["masks"]) == {"none", "query", "learned"}
+    assert out["masks"]["none"]["acc"]["value"] > 0.5  # chance: 0.25
+    assert (out["kept"] <= out["union"]).all()
+    assert 0 <= out["update_concentration"]["active"]["value"] <= 1
+
+
+def test_study_refuses_codes_of_another_store(planted, tmp_path):
+    """Codes encoded from another store (same size) would silently pair this store's rows with other images'
+    concepts: refused before any work, as the query tool refuses them."""
+    store, sae, _ = planted
+    _, _, other_codes = planted_artifacts(tmp_path / "other", seed=1)
+    with pytest.raises(ArtifactError, match="encoded from another store"):
+        ttt_study(store, sae, CodeStore.open(other_codes), TTTStudyConfig(**SMALL), tmp_path / "out")
+
+
 def test_study_config_names_the_flags():
     with pytest.raises(ValueError, match="--impl"):
         TTTStudyConfig(impl="nope")
     with pytest.raises(ValueError, match="--sweep-train-fractions"):
         TTTStudyConfig(sweep_train_fractions=(0.0,))
+    # Checked on creation, not after the main evaluation has run, and under their own flag names.
+    with pytest.raises(ValueError, match="--sweep-neighbours"):
+        TTTStudyConfig(sweep_neighbours=(0, 5))
+    with pytest.raises(ValueError, match="--mask-lambda"):
+        TTTStudyConfig(mask_lambda=-0.1)
 
 
 def test_chunked_evaluation_resumes_and_equals_one_pass(tmp_path):
@@ -144,3 +170,17 @@ def test_script_refuses_what_a_user_gets_wrong(tmp_path):
     done = subprocess.run([sys.executable, script, "--store", "s", "--sae", "x", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--codes" in done.stderr
+
+
+def test_script_answers_an_unknown_device_with_one_line(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "ttt.py")
+    monkeypatch.setattr(sys, "argv", ["ttt.py", "--store", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                      "--device", "tpu"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("error: --device 'tpu'"), err
