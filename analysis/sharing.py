@@ -183,11 +183,26 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
                   for name in config.spaces}
     per_space = {name: nbh.neighbourhood_stats(sparse, rows, queries) for name, rows in neighbours.items()}
     baselines = {"random": nbh.random_neighbourhoods(pool, queries, n_nb, config.seed)}
+    baseline_queries = {"random": queries}
     labelled = bool((store.labels[queries] >= 0).all() and (store.labels[pool] >= 0).any())
+    same_label_note = None
     if labelled:
-        baselines["same_label"] = nbh.same_label_neighbourhoods(pool, store.labels, queries, n_nb, config.seed)
-    per_baseline = {name: nbh.neighbourhood_stats(sparse, rows, queries) for name, rows in baselines.items()}
-    cosines = {name: nbh.code_cosines(sparse, queries, rows) for name, rows in {**neighbours, **baselines}.items()}
+        # A class with no more than n_neighbours rows in the pool cannot fill a same-label neighbourhood: its
+        # queries are left out of this baseline (and counted), rather than stopping the study.
+        in_pool = np.bincount(store.labels[pool][store.labels[pool] >= 0], minlength=int(store.labels.max()) + 1)
+        fits = in_pool[store.labels[queries]] > n_nb
+        labelled = bool(fits.any())
+        if not fits.all():
+            same_label_note = (f"{int((~fits).sum())} of {queries.size} queries left out: their class has at most "
+                               f"{n_nb} rows to draw from")
+        if labelled:
+            baseline_queries["same_label"] = queries[fits]
+            baselines["same_label"] = nbh.same_label_neighbourhoods(pool, store.labels, queries[fits], n_nb,
+                                                                    config.seed)
+    per_baseline = {name: nbh.neighbourhood_stats(sparse, rows, baseline_queries[name])
+                    for name, rows in baselines.items()}
+    cosines = {name: nbh.code_cosines(sparse, queries, rows) for name, rows in neighbours.items()}
+    cosines.update({name: nbh.code_cosines(sparse, baseline_queries[name], rows) for name, rows in baselines.items()})
     o1 = o1_comparison({s: cosines[s] for s in neighbours}, neighbours, config.n_bootstrap, config.seed)
     main_space = "embeddings" if "embeddings" in neighbours else next(iter(neighbours))
     sharing = {
@@ -203,6 +218,8 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
         "same_label": summarise(per_baseline["same_label"], "same-label neighbourhoods") if labelled else None,
         "o1": o1,
     }
+    if same_label_note is not None:
+        sharing["same_label_note"] = same_label_note
     pair = "embeddings|codes" if {"embeddings", "codes"} <= set(neighbours) else next(iter(o1["wasserstein"]), None)
     sharing["o1_distance"] = o1["wasserstein"].get(pair) if pair else None
     result = {"config": asdict(config), "sharing": sharing,

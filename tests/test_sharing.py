@@ -205,3 +205,16 @@ def test_concept_study_draws_the_umap_maps_on_a_sample(planted, tmp_path):
     assert {"umap_atoms", "umap_embeddings"} <= set(result["plots"])
     assert result["umap"]["embeddings"] == f"a seeded sample of 100 of {store.n} points (seed 0)"
     assert result["umap"]["atoms"] == f"all {codes.n_latents} points"
+
+
+def test_classes_too_small_for_a_same_label_neighbourhood_are_left_out_and_counted(planted, tmp_path):
+    store, sae, codes = planted
+    per_class = np.bincount(store.labels[store.split["train"]])
+    n_nb = int(per_class.max())  # no class has more than n_neighbours training rows
+    result = concept_study(store, sae, codes, ConceptConfig(n_neighbours=n_nb, umap=False, probe=False,
+                                                            n_bootstrap=5, spaces=("codes",)))
+    sharing = result["sharing"]
+    assert sharing["union_concepts_same_label"] is None
+    n_test = len(store.split["test"])
+    assert sharing["same_label_note"].startswith(f"{n_test} of {n_test} queries left out")
+    assert _is_measure(sharing["union_concepts_random"]) and _is_measure(sharing["union_concepts_mean"])
