@@ -24,7 +24,7 @@ from analysis.image_chain import cnn_stage, codes_stage, imported_sae_stage, sae
 from analysis.pipeline import StageCache
 from analysis.scaling import WidthSweepConfig
 from analysis.study_stages import chain_study_stage, theory_stage, width_stage
-from artifacts import ArtifactError
+from artifacts import ArtifactError, lock
 
 PRESETS = ("digits", "mnist", "imagenet-clip", "theory")
 
@@ -82,6 +82,10 @@ def preset_config(preset: str, **settings) -> ImageStudyConfig | dict:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     given = {k: v for k, v in settings.items() if v is not None}
     if preset == "theory":
+        ignored = sorted(set(given) - {"quick", "study"})
+        if ignored:  # the theory stage would run without them while the report recorded them as set
+            raise ValueError(f"--preset theory does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
+                             "its settings are --quick and --study-set (e.g. seeds=[0,1,2])")
         return given
     base = {"digits": {}, "mnist": {"cnn_epochs": 10, "sae_epochs": 50.0, "widths": (1, 2, 4, 8, 16, 32)},
             "imagenet-clip": {"sae_n_latents": 4096, "sae_k": 16, "sae_epochs": 100.0, "widths": ()}}[preset]
@@ -118,7 +122,11 @@ def _chain(preset: str, config: ImageStudyConfig, device: str) -> list:
 def _cnn_data(preset: str, config: ImageStudyConfig) -> dict:
     if preset == "digits":
         return {"kind": "digits", "seed": config.seed}
-    return {"kind": "idx", "dir": str(Path(config.data).resolve()), "seed": config.seed}
+    from embeddings.idx import idx_fingerprint
+
+    # The files' hashes are part of every key that reads them: new files in the same folder rerun the chain.
+    return {"kind": "idx", "dir": str(Path(config.data).resolve()), "seed": config.seed,
+            "sha256": idx_fingerprint(config.data)}
 
 
 def run_image_preset(preset: str, config: ImageStudyConfig, cache: StageCache, device: str) -> dict[str, dict]:
@@ -205,12 +213,14 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
     from analysis.report.build import write_report
 
     config = preset_config(preset, **settings)
-    cache = StageCache(out_dir, log)
+    # One run at a time in a run directory: another would clear this one's stages when its keys differ.
+    lock.acquire(out_dir)
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     if threads is not None or preset in SMALL_PRESETS:
         torch.set_num_threads(threads or 1)
     try:
+        cache = StageCache(out_dir, log)
         if preset == "theory":
             sections = run_theory_preset(config, cache)
         else:
@@ -218,6 +228,7 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
         report = write_report(preset, settings_of(config, preset), cache, sections, log=log)
     finally:
         torch.set_num_threads(before)
+        lock.release(out_dir)
     log(f"{preset}: finished in {time.perf_counter() - t0:.1f} s (stages as computed: "
         + ", ".join(f"{n} {r.seconds:.1f} s{' (reused)' if r.reused else ''}" for n, r in cache.results.items()) + ")")
     return report

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from artifacts import sha256_file
 from embeddings.sources import ImageSource, stratified_split
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -78,6 +79,7 @@ def find_idx_files(data_dir: str | os.PathLike) -> dict[str, Path]:
         raise IdxError(f"--data {data_dir} is not a folder; pass the folder holding the IDX files "
                        f"(or torchvision's root)")
     folders = [data_dir, data_dir / "raw"] + sorted(p / "raw" for p in data_dir.iterdir() if p.is_dir())
+    complete = []
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -87,14 +89,28 @@ def find_idx_files(data_dir: str | os.PathLike) -> dict[str, Path]:
             if hit is not None:
                 found[part] = hit
         if len(found) == len(PARTS):
-            return found
-        if found:
+            if folder in folders[:2]:
+                return found
+            complete.append(found)
+        elif found:
             missing = [_candidates(*PARTS[p])[0] for p in PARTS if p not in found]
             raise IdxError(f"{folder} holds only part of an IDX data set: missing {', '.join(missing)} (or .gz)")
+    if len(complete) > 1:  # a torchvision root with several data sets: never pick one by name order
+        names = [next(iter(found.values())).parent.parent.name for found in complete]
+        raise IdxError(f"{data_dir} holds several IDX data sets ({', '.join(names)}); pass the one to use, e.g. "
+                       f"--data {data_dir / names[0]}")
+    if complete:
+        return complete[0]
     raise IdxError(
         f"no IDX data set in {data_dir}: expected train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (optionally .gz) in it, in raw/, or in <Name>/raw/"
     )
+
+
+def idx_fingerprint(data_dir: str | os.PathLike) -> dict[str, str]:
+    """The SHA-256 of each of the four files (keys of ``PARTS``): what a cache keys on, so that other files put in
+    the same folder are never taken for the old ones."""
+    return {part: sha256_file(path) for part, path in find_idx_files(data_dir).items()}
 
 
 def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -35,8 +35,9 @@ def imagenet_split(train_labels: np.ndarray, n_val: int, seed: int, n_test_per_c
         rows = np.flatnonzero(labels == label)
         if len(rows) <= n_test_per_class:
             raise ValueError(
-                f"class {label} has {len(rows)} train images; holding out {n_test_per_class} as test would leave "
-                f"none to train on (lower --test-per-class)"
+                f"class {label} has {len(rows)} train images; holding out {n_test_per_class} as test (the paper's "
+                f"split) would leave none to train on: give every class folder of train/ more than {n_test_per_class} "
+                f"images"
             )
         test.append(rng.choice(rows, size=n_test_per_class, replace=False))
     test_rows = np.sort(np.concatenate(test)) if test else np.zeros(0, np.int64)

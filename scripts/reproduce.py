@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = {k: v for k, v in report["sections"].items() if v["status"] == "failed"}
     for row in report["comparisons"]:
         name = row["metric"] if row["metric"] != "theory.claims" else row["claim"][:60]
-        print(f"  {name:<60} {row['ours']['value']:.4g} ± {row['ours']['se'] or 0:.2g}  {row['verdict']}")
+        ours = row["ours"]
+        number = "—" if ours["value"] is None else f"{ours['value']:.4g} ± {ours['se'] or 0:.2g}"
+        print(f"  {name:<60} {number}  {row['verdict']}")
     print(f"report: {out}/report.html")
     if failed:
         for name, s in failed.items():

@@ -114,3 +114,13 @@ def test_source_rows_ids_and_the_paper_split(tmp_path):
     other = open_source(tmp_path, kind="idx", seed=4).split
     np.testing.assert_array_equal(again["val"], split["val"])
     assert not np.array_equal(other["val"], split["val"])
+
+
+def test_a_root_with_several_data_sets_is_refused_naming_them(tmp_path):
+    # torchvision's root often holds MNIST/raw, FashionMNIST/raw, KMNIST/raw: picking one by name order would run
+    # the study on a data set the user did not ask for.
+    make_idx_set(tmp_path / "MNIST" / "raw", n_train=20, n_test=10)
+    make_idx_set(tmp_path / "FashionMNIST" / "raw", n_train=20, n_test=10, seed=1)
+    with pytest.raises(IdxError, match="FashionMNIST.*MNIST"):
+        find_idx_files(tmp_path)
+    assert find_idx_files(tmp_path / "MNIST")["train_images"].parent == tmp_path / "MNIST" / "raw"

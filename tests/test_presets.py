@@ -261,3 +261,63 @@ def test_a_failing_study_is_a_failed_section_with_its_traceback(tmp_path):
     assert "Traceback" in (tmp_path / "stages" / "concepts.error.txt").read_text()
     assert run_section(cache, "ttt", "analysis/ttt_study.py is not in this tree") == {
         "status": "missing", "reason": "analysis/ttt_study.py is not in this tree"}
+
+
+def test_the_summary_lines_survive_a_claim_that_could_not_be_measured(capsys):
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
+    missing = {"value": None, "se": None, "n": 0, "provenance": "too few points to fit"}
+    report = {"sections": {"theory": {"status": "ok", "reason": ""}},
+              "comparisons": [{"metric": "theory.claims", "claim": "falls as 1/n_neighbours", "ours": missing,
+                               "verdict": "inconclusive (not measured: too few points to fit)"}]}
+    main.__globals__["reproduce"] = lambda *a, **k: report
+    assert main(["--preset", "theory", "--out", "unused"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "falls as 1/n_neighbours" in line and "inconclusive" in line
+
+
+def test_new_contents_in_the_same_idx_folder_change_the_backbone_key(tmp_path):
+    # Swapping MNIST for Fashion-MNIST in the same --data folder must not reuse the old CNN, store and studies.
+    from test_idx import make_idx_set
+
+    from analysis.pipeline import stage_key
+    from analysis.presets import _chain
+
+    def backbone_key():
+        config = preset_config("mnist", data=str(tmp_path / "data"), **{**TINY, "widths": (1,)})
+        stage = _chain("mnist", config, "cpu")[0]
+        return stage_key(stage.name, stage.version, stage.settings, {})
+
+    make_idx_set(tmp_path / "data", n_train=60, n_test=12, seed=0)
+    before = backbone_key()
+    assert backbone_key() == before
+    make_idx_set(tmp_path / "data", n_train=60, n_test=12, seed=1)
+    assert backbone_key() != before
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    # Two runs into one --out would delete each other's stage directories (a changed key clears them) and fail
+    # each other's sections; the second is refused at once, naming the first.
+    import os
+    import socket
+
+    from artifacts.lock import LockHeld, lock_path
+
+    out = tmp_path / "run"
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "start_ticks": None, "since": "now"}
+    lock_path(out).write_text(json.dumps(holder))
+    with pytest.raises(LockHeld, match=f"pid {os.getppid()}"):
+        reproduce("digits", out, log=lambda _: None, **TINY)
+    assert not (out / "backbone").exists()
+
+
+def test_the_theory_preset_refuses_settings_it_would_ignore():
+    # The theory stage reads only --quick and --study-set: a --seed would be recorded in the report's settings
+    # while the numbers came from the default seeds.
+    with pytest.raises(ValueError, match="--seed"):
+        preset_config("theory", seed=3)
+    with pytest.raises(ValueError, match="--cnn-width"):
+        preset_config("theory", cnn_width=4, quick=True)
+    assert preset_config("theory", quick=True, study={"seeds": [3]}, seed=None) == {"quick": True,
+                                                                                   "study": {"seeds": [3]}}

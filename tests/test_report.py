@@ -110,3 +110,37 @@ def test_paper_ttt_values_follow_the_space_the_study_ran_in(tmp_path):
     stage.settings = {"space": "codes"}
     codes = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path)["comparisons"]}
     assert codes["ttt.global_acc"]["paper"]["value"] == pytest.approx(0.7145)
+
+
+def test_width_verdict_compares_narrowest_with_widest_whatever_the_order_given():
+    rows = [{"n_features": 400, "gain": {"value": 0.0, "se": 0.01}},
+            {"n_features": 25, "gain": {"value": 0.1, "se": 0.01}},
+            {"n_features": 100, "gain": {"value": 0.05, "se": 0.01}}]  # e.g. --widths 16,1,4
+    verdict = width_verdict(rows)
+    assert verdict["verdict"] == "supports the claim"
+    assert verdict["measured"].index("at 25 features") < verdict["measured"].index("at 400")
+
+
+def test_a_theory_claim_without_a_measurement_is_inconclusive_and_rendered(tmp_path):
+    # theory.rate_slopes finds too few points (e.g. --study-set n_neighbours_values=[5,10]): value None.
+    missing = {"value": None, "se": None, "n": 0, "provenance": "too few points to fit"}
+    claims = [{"claim": "falls as 1/n_neighbours", "paper": "slope ≈ −1", "measured": missing, "holds": False},
+              {"claim": "TTT beats global", "paper": "p", "measured": {"value": 0.5, "se": 0.1, "n": 3}, "holds": True}]
+    results = {"theory": _stage("theory", tmp_path, {"theory": {"claims": claims}})}
+    report = build_report("theory", {}, results, {"theory": {"status": "ok", "reason": ""}}, tmp_path)
+    rows = {r["claim"]: r for r in report["comparisons"]}
+    assert rows["falls as 1/n_neighbours"]["verdict"].startswith("inconclusive")
+    assert rows["TTT beats global"]["verdict"] == "supports the claim"
+    page = render_html(report, tmp_path)
+    assert "too few points to fit" in page
+
+
+def test_a_measure_without_a_standard_error_is_never_a_confident_verdict():
+    # measure() of one sample has se None (unknown), not 0: no test can support, contradict or agree with it.
+    single = {"value": 0.05, "se": None, "n": 1}
+    assert direction_verdict(single, None, ">").startswith("inconclusive")
+    assert direction_verdict({"value": 0.9, "se": 0.01, "n": 100}, single, ">").startswith("inconclusive")
+    assert number_verdict({"value": 0.9, "se": None, "n": 1}, {"value": 0.99, "se": 0.001}).startswith("inconclusive")
+    # an SE of exactly 0 (every point right) is known, and still decides
+    assert direction_verdict({"value": 1.0, "se": 0.0, "n": 50}, {"value": 0.3, "se": 0.02, "n": 50}, ">") \
+        == "supports the claim"

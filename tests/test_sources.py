@@ -260,3 +260,15 @@ def test_symlinked_class_folders_are_followed_without_loops(tmp_path):
     src = open_source(root)
     assert src.classes == ["cls", "linked"]
     assert src.ids == ["cls/y.png", "linked/x.png"]
+
+
+def test_imagenet_split_of_a_class_too_small_names_a_fix_that_exists():
+    from embeddings.imagenet import imagenet_split
+
+    labels = np.array([0] * 60 + [1] * 50)
+    with pytest.raises(ValueError) as e:
+        imagenet_split(labels, n_val=0, seed=0)
+    message = str(e.value)
+    assert "class 1 has 50 train images" in message
+    assert "--test-per-class" not in message  # no script has that flag
+    assert "more than 50" in message

@@ -119,9 +119,11 @@ def comparisons(report: dict, preset: str, ttt_space: str | None = None) -> list
                      "verdict": number_verdict(ours, theirs) if theirs else "not compared"})
     for c in (report.get("theory") or {}).get("claims") or []:  # the theory study judges its own claims
         if is_measure(c.get("measured")):
-            rows.append({"metric": "theory.claims", "claim": c["claim"], "ours": c["measured"], "paper": None,
-                         "paper_text": c.get("paper"), "verdict": "supports the claim" if c.get("holds")
-                         else "does not support it", "detail": c.get("detail")})
+            measured = c["measured"]
+            verdict = ("supports the claim" if c.get("holds") else "does not support it") \
+                if measured["value"] is not None else f"inconclusive (not measured: {measured.get('provenance')})"
+            rows.append({"metric": "theory.claims", "claim": c["claim"], "ours": measured, "paper": None,
+                         "paper_text": c.get("paper"), "verdict": verdict, "detail": c.get("detail")})
     return rows
 
 

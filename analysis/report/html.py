@@ -77,6 +77,8 @@ def fmt_measure(metric: str, m: dict | None) -> str:
     """``98.57 ± 0.12 %`` (n = 359) for fractions, else three significant digits."""
     if not m:
         return "—"
+    if m.get("value") is None:  # a measurement that could not be made (e.g. too few points to fit a slope)
+        return f"— ({m.get('provenance') or 'not measured'})"
     v, se = m["value"], m.get("se")
     if metric.rsplit(".", 1)[-1] == "gain" and abs(v) <= 1.0:
         text = f"{100 * v:+.2f}" + (f" ± {100 * se:.2f}" if se is not None else "") + " points"

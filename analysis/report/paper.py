@@ -17,6 +17,8 @@ import math
 
 AGREE_Z = 2.0
 """Differences within this many combined standard errors count as agreement."""
+NO_SE = "inconclusive (no standard error: a single sample)"
+"""The verdict on a measure of one item (``analysis.stats.measure`` gives it ``se`` None: unknown, not zero)."""
 
 CLAIMS = {
     "sae.fvu": "Share of the embeddings' variance that the SAE's k active concepts leave unexplained.",
@@ -104,6 +106,8 @@ DIRECTIONS = [
 
 def number_verdict(ours: dict, paper: dict) -> str:
     """"agrees within error" or "differs by X" (in the metric's units; percent points for accuracies)."""
+    if ours.get("se") is None:  # one sample: its error is unknown, not zero (the paper's may be missing)
+        return NO_SE
     diff = ours["value"] - paper["value"]
     se = math.sqrt((ours.get("se") or 0.0) ** 2 + (paper.get("se") or 0.0) ** 2)
     if se > 0 and abs(diff) <= AGREE_Z * se:
@@ -122,6 +126,8 @@ def format_difference(diff: float, reference: float) -> str:
 
 def direction_verdict(a: dict, b: dict | None, sign: str) -> str:
     """One-sided check of ``a > b`` (or ``<``); ``b`` None means zero. Unpaired SEs are combined."""
+    if a.get("se") is None or (b is not None and b.get("se") is None):  # both sides are this run's measures
+        return NO_SE
     diff = a["value"] - (b["value"] if b else 0.0)
     se = math.sqrt((a.get("se") or 0.0) ** 2 + ((b or {}).get("se") or 0.0) ** 2)
     signed = diff if sign == ">" else -diff
@@ -138,6 +144,7 @@ def width_verdict(rows: list[dict]) -> dict | None:
     """Whether the TTT gain at the narrowest width exceeds the gain at the widest (a paired-free difference)."""
     if len(rows) < 2:
         return None
+    rows = sorted(rows, key=lambda r: r["n_features"])  # --widths may list them in any order
     first, last = rows[0]["gain"], rows[-1]["gain"]
     return {
         "claim": "the TTT gain shrinks as the model grows",
