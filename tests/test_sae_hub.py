@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from artifacts import ArtifactError
 from sae.checkpoint import import_paper_checkpoint, load_sae, read_latent_frequency, read_provenance
 from sae.hub import PAPER_HUB_ID, hub_cache_dir, resolve_sae_source
 from sae.provenance import PAPER_PROVENANCE
+from script_runner import run_script_in_process
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_paper_sae.py"
 D, N, K = 6, 24, 3
@@ -91,16 +91,7 @@ def test_uncached_hub_id_says_how_to_download_it(cache, tmp_path):
 
 def test_script_imports_by_hub_id_and_answers_one_line_when_uncached(cache, tmp_path, capsys):
     def run(*argv):
-        old = sys.argv
-        sys.argv = [str(SCRIPT), *argv]
-        try:
-            runpy.run_path(str(SCRIPT), run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            sys.argv = old
-        return code, *capsys.readouterr()
+        return run_script_in_process(SCRIPT.name, *argv, capsys=capsys)
 
     code, _, err = run("--checkpoint", PAPER_HUB_ID, "--out", str(tmp_path / "a"))
     assert code == 2 and err.startswith("error: ") and "huggingface-cli download" in err and "Traceback" not in err

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +15,7 @@ from sae.checkpoint import load_sae, read_provenance, save_sae
 from sae.config import SAEConfig
 from sae.interop import NegativeCodesWarning, detect_format, export_sae, import_foreign_sae, read_foreign_sae
 from sae.model import TopKSAE
+from script_runner import run_script_in_process
 
 D, N, K = 12, 40, 4
 
@@ -203,21 +203,7 @@ def test_real_sparsify_loads_our_export_when_installed(tmp_path, monkeypatch):
 
 
 def run_script(name: str, *argv: str, capsys) -> tuple[int, str, str]:
-    import runpy
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / name
-    old = sys.argv
-    sys.argv = [str(script), *argv]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, *capsys.readouterr()
+    return run_script_in_process(name, *argv, capsys=capsys)
 
 
 def test_scripts_export_and_import_and_refuse_in_one_line(tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from sae.checkpoint import load_sae
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
 from sae.train import KILL_ENV, RunConfig, TrainConfig, TrainPlan, default_shape, k_at, lr_at, train_sae
+from script_runner import run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_sae.py"
@@ -367,17 +367,7 @@ def test_data_errors_are_clear(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the script
 def run_script(*argv: str, capsys=None) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = [str(SCRIPT), *argv]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr() if capsys else ("", "")
-    return code, out, err
+    return run_script_in_process(SCRIPT.name, *argv, capsys=capsys)
 
 
 @pytest.fixture
