@@ -59,19 +59,21 @@ def _jsonable_config(config) -> dict:
     return asdict(config) if is_dataclass(config) else dict(config)
 
 
-def _relative_plots(result: dict, work: Path, final: Path) -> dict:
+def _relative_plots(result: dict, work: Path) -> dict:
+    """The study's plot paths relative to its work directory, so that they still hold once the directory is renamed
+    into place; a study may give them relative to the current directory (a relative ``--out``) or absolute."""
     plots = {}
     for key, path in (result.get("plots") or {}).items():
-        p = Path(path)
+        p = Path(path).resolve()
         try:
-            plots[key] = p.relative_to(work).as_posix() if p.is_absolute() else p.as_posix()
+            plots[key] = p.relative_to(work.resolve()).as_posix()
         except ValueError:
             plots[key] = str(p)
     return plots
 
 
-def _finish(result: dict, work: Path, out_dir: Path) -> dict:
-    plots = _relative_plots(result, work, out_dir)
+def _finish(result: dict, work: Path) -> dict:
+    plots = _relative_plots(result, work)
     metrics = {k: v for k, v in result.items() if k != "plots"}
     write_json(work / "result.json", {"metrics": metrics, "plots": plots})
     return {"metrics": metrics, "plots": plots}
@@ -93,7 +95,7 @@ def chain_study_stage(name: str, overrides: dict, device: str):
         extra = {"cache_dir": resume_dir(out_dir)} if resumable else {}
         with building(out_dir) as work:
             result = func(store, sae, codes, config, work, **extra)
-            finished = _finish(result, work, out_dir)
+            finished = _finish(result, work)
         if extra:
             shutil.rmtree(extra["cache_dir"], ignore_errors=True)
         return finished
@@ -110,7 +112,7 @@ def theory_stage(overrides: dict):
 
     def run(out_dir: Path, done: dict) -> dict:
         with building(out_dir) as work:
-            return _finish(func(config, work), work, out_dir)
+            return _finish(func(config, work), work)
 
     return Stage("theory", _jsonable_config(config), run)
 

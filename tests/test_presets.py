@@ -2,6 +2,7 @@
 the mnist preset on IDX files the test writes, and the imagenet-clip preset on a tiny folder (slow)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,10 +36,15 @@ def _lookup(report, path):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    log = []
-    report = reproduce("digits", out, log=log.append, **TINY)
-    return out, report, log
+    # A relative --out, as in the README's command: every recorded path must still hold from the run directory.
+    root = tmp_path_factory.mktemp("runs")
+    log, cwd = [], os.getcwd()
+    os.chdir(root)
+    try:
+        report = reproduce("digits", Path("digits"), log=log.append, **TINY)
+    finally:
+        os.chdir(cwd)
+    return root / "digits", report, log
 
 
 def test_digits_report_files_and_schema(digits_run):
@@ -51,6 +57,9 @@ def test_digits_report_files_and_schema(digits_run):
         assert m["n"] > 0 and m["se"] is not None and m["stage"] == "codes"
     assert set(report["timings"]) >= {"backbone", "store", "sae", "codes", "report", "total_s"}
     assert all(s["status"] in ("ok", "missing") for s in report["sections"].values()), report["sections"]
+    assert {name.split(".")[0] for name in report["plots"]} >= {"concepts", "ttt"}
+    for name, rel in report["plots"].items():
+        assert open(out / rel, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_every_section_reports_its_numbers_or_says_why_not(digits_run):
@@ -282,11 +291,11 @@ def test_new_contents_in_the_same_idx_folder_change_the_backbone_key(tmp_path):
     from test_idx import make_idx_set
 
     from analysis.pipeline import stage_key
-    from analysis.presets import _chain
+    from analysis.presets import _chain, _cnn_data
 
     def backbone_key():
         config = preset_config("mnist", data=str(tmp_path / "data"), **{**TINY, "widths": (1,)})
-        stage = _chain("mnist", config, "cpu")[0]
+        stage = _chain("mnist", config, _cnn_data("mnist", config), "cpu")[0]
         return stage_key(stage.name, stage.version, stage.settings, {})
 
     make_idx_set(tmp_path / "data", n_train=60, n_test=12, seed=0)
