@@ -175,10 +175,10 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
                          f"store {store.store_dir} ({store.n} rows) and this SAE ({sae.config.n_latents} latents); "
                          "encode the store with this SAE (scripts/encode.py)")
     queries, pool, exclude_self = study_rows(store, config)
-    sparse = code_space(codes).sparse()
     k, n_nb = codes.k, config.n_neighbours
     spaces = {"embeddings": embedding_space(store), "reconstructions": reconstruction_space(store, sae),
               "codes": code_space(codes)}
+    sparse = spaces["codes"].sparse()
     neighbours = {name: find_neighbours(spaces[name], pool, queries, n_nb, exclude_self, config.factory)
                   for name in config.spaces}
     per_space = {name: nbh.neighbourhood_stats(sparse, rows, queries) for name, rows in neighbours.items()}

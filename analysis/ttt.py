@@ -200,7 +200,7 @@ class LocalTTT:
         """``(Z, y, q)`` tensors of the queries ``rows``: neighbour features, their targets, query features."""
         nb = neighbours[rows]
         Z = dense_rows(self.features_, nb.ravel()).reshape(len(rows), nb.shape[1], -1)
-        q = head_features(self.head, _take(x_query, rows))
+        q = head_features(self.head, take_rows(x_query, rows))
         q = q.dense() if isinstance(q, SparseCodes) else q
         y = self.labels_[nb]
         y = torch.from_numpy(y.astype(np.int64) if self.task == "classification" else _as_2d(y, self.head.n_outputs))
@@ -264,5 +264,6 @@ def _as_2d(y: np.ndarray, n_outputs: int) -> np.ndarray:
     return y[..., None] if y.ndim == 2 else y
 
 
-def _take(x, rows):
+def take_rows(x, rows):
+    """Rows of a dense array (as an array) or of ``SparseCodes`` (still sparse)."""
     return x.take(rows) if isinstance(x, SparseCodes) else np.asarray(x[rows])

@@ -26,7 +26,7 @@ from analysis.masks import MaskConfig, agreement, masked_ttt, union_problems, up
 from analysis.query import check_codes
 from analysis.spaces import all_codes, make_space
 from analysis.stats import accuracy, measure, paired_difference
-from analysis.ttt import LocalTTT, TTTConfig, run_local, top_distribution
+from analysis.ttt import LocalTTT, TTTConfig, run_local, take_rows, top_distribution
 from analysis.ttt_chunks import evaluate
 from artifacts import ArtifactError
 from artifacts.ranks import Ranks
@@ -87,8 +87,7 @@ class TTTStudyConfig:
     """Where heads and TTT compute (--device)."""
 
     def __post_init__(self):
-        TTTConfig(n_neighbours=self.n_neighbours, mode=self.mode, steps=self.steps, lr=self.lr,
-                  metric=self.metric, impl=self.impl, precision=self.precision)
+        self.ttt()  # the shared TTT fields are checked by TTTConfig itself
         if self.n_queries is not None and self.n_queries < 2:
             raise ValueError(f"--n-queries must be >= 2, got {self.n_queries}")
         if min(self.n_mask_queries, self.n_locality_queries, self.locality_rows, self.n_sweep_queries) < 2:
@@ -103,6 +102,7 @@ class TTTStudyConfig:
             raise ValueError(f"--mask-lambda must be >= 0, got {self.mask_lambda}")
 
     def ttt(self, **changes) -> TTTConfig:
+        """The TTT protocol of this study (its shared fields), with ``changes`` applied."""
         return dataclasses.replace(TTTConfig(n_neighbours=self.n_neighbours, mode=self.mode, steps=self.steps,
                                              lr=self.lr, metric=self.metric, impl=self.impl,
                                              precision=self.precision, seed=self.seed), **changes)
@@ -142,10 +142,6 @@ def _sample(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
     return rows if n >= rows.size else np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
 
 
-def _features(space, rows):
-    return space.sparse(rows) if space.is_sparse else space.rows(rows)
-
-
 def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: str | os.PathLike | None = None,
               *, cache_dir: str | os.PathLike | None = None, ranks: Ranks = Ranks(), log=None) -> dict:
     """The TTT study (module doc). ``cache_dir``: where the main evaluation's chunks persist (resumable);
@@ -155,7 +151,7 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
         check_codes(store, sae, codes)
     data = _rows(store, config)
     space = make_space(config.space, store, sae, codes)
-    x_train, x_test = _features(space, data.train), _features(space, data.test)
+    x_train, x_test = space.queries(data.train), space.queries(data.test)
     y_train, y_test = data.labels[data.train], data.labels[data.test]
     head = _global_head(x_train, y_train, int(data.labels.max()) + 1, config, cache_dir, ranks)
     ttt = LocalTTT(head, config.ttt(), device=config.device, memory_bytes=config.memory_mb << 20).fit(x_train, y_train)
@@ -169,7 +165,7 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
     where = f"{config.space}, {len(data.test)} test queries, {config.n_neighbours} neighbours"
     summary = _main_measures(result, y_test, where)
     summary["locality"] = locality(ttt, x_test, y_test, result.neighbours, config)
-    report = {"ttt": summary, "sharing": {}, "sweeps": sweeps(store, space, data, config, result.neighbours)}
+    report = {"ttt": summary, "sharing": {}, "sweeps": sweeps(head, x_train, space, data, config)}
     plots = {"ttt_accuracy": ttt_plots.accuracy_bars(
         {"global": summary["global_acc"], "TTT": summary["ttt_acc"], "kNN majority": summary["majority_acc"]},
         out_dir / "ttt_accuracy.png", f"TTT on {config.space}"),
@@ -226,7 +222,8 @@ def locality(ttt: LocalTTT, x_test, y_test: np.ndarray, neighbours: np.ndarray, 
     """Each of ``n_locality_queries`` TTT heads on its own neighbourhood and on a sample of the test set."""
     queries = _sample(np.arange(len(y_test)), config.n_locality_queries, config.seed)
     evals = _sample(np.arange(len(y_test)), config.locality_rows, config.seed + 1)
-    x_eval = head_features(ttt.head, _take(x_test, evals))
+    x_evals = take_rows(x_test, evals)
+    x_eval = head_features(ttt.head, x_evals)
     x_eval = torch.from_numpy(x_eval.dense() if hasattr(x_eval, "dense") else x_eval).to(ttt.device)
     y_eval = torch.from_numpy(y_test[evals]).to(ttt.device)
     own, whole = [], []
@@ -239,23 +236,19 @@ def locality(ttt: LocalTTT, x_test, y_test: np.ndarray, neighbours: np.ndarray, 
         own.append((torch.bmm(Z, W.transpose(1, 2)) + b[:, None]).argmax(2).eq(y).float().mean(1).cpu())
         whole.append((torch.matmul(x_eval, W.transpose(1, 2)) + b[:, None]).argmax(2).eq(y_eval).float().mean(1).cpu())
     where = f"{queries.size} TTT heads, each on "
-    global_ok = predict_head(ttt.head, _take(x_test, evals)) == y_test[evals]
+    global_ok = predict_head(ttt.head, x_evals) == y_test[evals]
     return {"own_neighbourhood_acc": measure(torch.cat(own).numpy(), where + "its own neighbourhood"),
             "whole_test_acc": measure(torch.cat(whole).numpy(), where + f"{evals.size} test rows"),
             "global_whole_test_acc": accuracy(global_ok, f"global head on the same {evals.size} test rows")}
 
 
-def _take(x, rows):
-    return x.take(rows) if hasattr(x, "take") and not isinstance(x, np.ndarray) else x[rows]
-
-
-def sweeps(store, space, data: _Data, config: TTTStudyConfig, neighbours: np.ndarray) -> dict:
-    """Accuracy against the neighbourhood size and against the number of training rows."""
+def sweeps(head, x_train, space, data: _Data, config: TTTStudyConfig) -> dict:
+    """Accuracy against the neighbourhood size (with the main global ``head`` on ``x_train``, the features of
+    ``data.train`` in ``space``) and against the number of training rows (a global head for each)."""
     queries = _sample(np.arange(data.test.size), config.n_sweep_queries, config.seed + 2)
-    x_train, y_train = _features(space, data.train), data.labels[data.train]
-    x_q, y_q = _features(space, data.test[queries]), data.labels[data.test[queries]]
+    y_train = data.labels[data.train]
+    x_q, y_q = space.queries(data.test[queries]), data.labels[data.test[queries]]
     n_out = int(data.labels.max()) + 1
-    head = train_head(x_train, y_train, config.head_config(), n_outputs=n_out, device=config.device)
     by_size = []
     for k in sorted({k for k in config.sweep_neighbours if k < data.train.size}):
         ttt = LocalTTT(head, config.ttt(n_neighbours=k), device=config.device, memory_bytes=config.memory_mb << 20)
@@ -265,7 +258,7 @@ def sweeps(store, space, data: _Data, config: TTTStudyConfig, neighbours: np.nda
     rng = np.random.default_rng(config.seed + 3)
     for frac in sorted(set(config.sweep_train_fractions)):
         sub = np.sort(rng.choice(data.train.size, max(config.n_neighbours + 1, int(frac * data.train.size)), replace=False))
-        sub_x = _features(space, data.train[sub])
+        sub_x = space.queries(data.train[sub])
         h = train_head(sub_x, y_train[sub], config.head_config(), n_outputs=n_out, device=config.device)
         ttt = LocalTTT(h, config.ttt(), device=config.device, memory_bytes=config.memory_mb << 20)
         r = ttt.fit(sub_x, y_train[sub]).predict(x_q)
@@ -297,17 +290,16 @@ def concept_analyses(store, sae, codes, data: _Data, config: TTTStudyConfig) -> 
     x_q = recon.rows(qrows)
     neighbours = dense.neighbours(x_q)
     dense_result = dense.predict(x_q, neighbours=neighbours)
-    code_head = train_head(sparse.take(data.train), y_train, linear, n_outputs=n_out, device=config.device)
     train_codes, q_codes = sparse.take(data.train), sparse.take(qrows)
-    masks, learned = {}, None
-    for kind in ("none", "query", "learned"):
-        out = _masked(code_head, train_codes, neighbours, q_codes, y_train, config, kind)
+    code_head = train_head(train_codes, y_train, linear, n_outputs=n_out, device=config.device)
+    masks = {}
+    outs = _masked(code_head, train_codes, neighbours, q_codes, y_train, config, ("none", "query", "learned"))
+    for kind, out in outs.items():
         ok = out["logits"].argmax(1).numpy() == y_q
         where = f"code-space TTT, mask {kind}, {qrows.size} queries"
         masks[kind] = {"acc": accuracy(ok, where), "kept": measure(out["kept"].numpy(), "concepts kept, " + where),
                        "union": measure(out["n_union"].numpy(), "concepts in the neighbourhood and query, " + where)}
-        if kind == "learned":
-            learned = out
+    learned = outs["learned"]
     logits = learned["logits"].numpy()
     o3 = agreement(dense_result.predictions, logits.argmax(1), dense_result.extras, top_distribution(logits),
                    f"dense TTT on reconstructions vs learned-mask TTT on codes, {qrows.size} queries")
@@ -316,14 +308,17 @@ def concept_analyses(store, sae, codes, data: _Data, config: TTTStudyConfig) -> 
             "kept": learned["kept"].numpy(), "union": learned["n_union"].numpy()}
 
 
-def _masked(head, train_codes, neighbours, q_codes, y_train, config: TTTStudyConfig, kind: str) -> dict:
-    mask = MaskConfig(kind=kind, lam=config.mask_lambda, steps=config.steps, lr=config.lr)
-    parts = []
+def _masked(head, train_codes, neighbours, q_codes, y_train, config: TTTStudyConfig, kinds: tuple[str, ...]) -> dict:
+    """``masked_ttt`` outputs of each mask kind, the union problems of each batch of queries built once."""
+    masks = {kind: MaskConfig(kind=kind, lam=config.mask_lambda, steps=config.steps, lr=config.lr) for kind in kinds}
+    parts = {kind: [] for kind in kinds}
     for start in range(0, len(neighbours), 128):
         rows = np.arange(start, min(start + 128, len(neighbours)))
         prob = union_problems(train_codes, neighbours[rows], q_codes.take(rows))
-        parts.append(masked_ttt(head.last, prob, torch.from_numpy(y_train[neighbours[rows]]), mask))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        y = torch.from_numpy(y_train[neighbours[rows]])
+        for kind, mask in masks.items():
+            parts[kind].append(masked_ttt(head.last, prob, y, mask))
+    return {kind: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} for kind, ps in parts.items()}
 
 
 @torch.no_grad()

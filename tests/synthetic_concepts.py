@@ -34,6 +34,17 @@ def planted_codes(n_per_class: int = 40, n_classes: int = 4, per_class: int = 6,
     return SparseCodes(values, indices, n_latents), labels
 
 
+def random_codes(rng: np.random.Generator, n: int, n_latents: int, k: int,
+                 p_zero: float | None = None) -> SparseCodes:
+    """Random top-k codes: ``k`` distinct latents per row, values in (0, 1) sorted descending; with ``p_zero``
+    the last value of each row is 0 with that probability (a top-k latent chosen with value 0 is not active)."""
+    indices = np.stack([rng.choice(n_latents, k, replace=False) for _ in range(n)])
+    values = -np.sort(-rng.random((n, k)).astype(np.float32), axis=1)
+    if p_zero is not None:
+        values[:, -1][rng.random(n) < p_zero] = 0.0
+    return SparseCodes(values, indices, n_latents)
+
+
 def planted_embeddings(codes: SparseCodes, d: int = 16, noise: float = 0.02, seed: int = 0):
     """``(x, atoms)``: x = codes · atoms + noise, atoms unit rows ``(n_latents, d)``."""
     rng = np.random.default_rng(seed + 1)

@@ -51,12 +51,7 @@ import faiss  # noqa: E402
 
 from analysis import neighbours as neighbours_module  # noqa: E402
 from analysis.neighbours import recall_at_n  # noqa: E402
-
-
-def _random_codes(rng, n, n_latents, k):
-    indices = np.stack([rng.choice(n_latents, k, replace=False) for _ in range(n)])
-    values = -np.sort(-rng.random((n, k)).astype(np.float32), axis=1)
-    return SparseCodes(values, indices, n_latents)
+from synthetic_concepts import random_codes  # noqa: E402
 
 
 def test_dense_l2_equals_brute_force():
@@ -74,7 +69,7 @@ def test_dense_l2_equals_brute_force():
 def test_code_space_equals_brute_force_property(n, n_latents, k, n_neighbours, seed):
     rng = np.random.default_rng(seed)
     k = min(k, n_latents)
-    codes = _random_codes(rng, n, n_latents, k)
+    codes = random_codes(rng, n, n_latents, k)
     n_neighbours = min(n_neighbours, n - 1)
     queries = np.arange(min(n, 9))
     scores, rows = NeighbourIndex(batch_size=4).fit(codes).search(codes.take(queries), n_neighbours, exclude=queries)
@@ -103,8 +98,7 @@ def test_exclude_self_never_returns_the_query(n, n_neighbours, seed, metric):
 def test_compiled_code_search_equals_its_reference_twin(n, n_latents, k, n_neighbours, seed):
     rng = np.random.default_rng(seed)
     k, n_neighbours = min(k, n_latents), min(n_neighbours, n - 1)
-    codes = _random_codes(rng, n, n_latents, k)
-    codes.values[:, -1][rng.random(n) < 0.3] = 0.0  # explicit zeros in the lists
+    codes = random_codes(rng, n, n_latents, k, p_zero=0.3)  # explicit zeros in the lists
     queries = rng.choice(n, min(n, 17), replace=False)
     fast = NeighbourIndex().fit(codes).search(codes.take(queries), n_neighbours, exclude=queries)
     plain = NeighbourIndex(fast=False).fit(codes).search(codes.take(queries), n_neighbours, exclude=queries)
@@ -114,7 +108,7 @@ def test_compiled_code_search_equals_its_reference_twin(n, n_latents, k, n_neigh
 
 def test_sparse_batches_cut_by_candidate_count_give_the_same_answer(monkeypatch):
     rng = np.random.default_rng(3)
-    codes = _random_codes(rng, 200, 16, 3)
+    codes = random_codes(rng, 200, 16, 3)
     index = NeighbourIndex().fit(codes)
     expected = index.search(codes.take(np.arange(50)), 5)
     monkeypatch.setattr(neighbours_module, "SPARSE_BATCH_ENTRIES", 40)
@@ -182,7 +176,7 @@ def test_save_load_identity_dense(tmp_path, factory):
 
 
 def test_save_load_identity_code_space(tmp_path):
-    codes = _random_codes(np.random.default_rng(6), 150, 20, 3)
+    codes = random_codes(np.random.default_rng(6), 150, 20, 3)
     index = NeighbourIndex().fit(codes, rows=np.arange(0, 150, 2))
     index.save(tmp_path / "codes-index")
     loaded = NeighbourIndex.load(tmp_path / "codes-index")

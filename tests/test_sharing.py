@@ -16,14 +16,7 @@ from analysis.spaces import embedding_space
 from embeddings.store import EmbeddingStore, write_store
 from sae.checkpoint import load_sae
 from sae.codes import CodeStore
-from synthetic_concepts import planted_artifacts, planted_codes, planted_embeddings
-
-
-def _codes(rng, n, n_latents, k, p_zero=0.3):
-    indices = np.stack([rng.choice(n_latents, k, replace=False) for _ in range(n)])
-    values = -np.sort(-rng.random((n, k)).astype(np.float32), axis=1)
-    values[:, -1][rng.random(n) < p_zero] = 0.0  # a top-k latent chosen with value 0 is not active
-    return SparseCodes(values, indices, n_latents)
+from synthetic_concepts import planted_artifacts, planted_codes, planted_embeddings, random_codes
 
 
 @settings(max_examples=30, deadline=None)
@@ -31,7 +24,7 @@ def _codes(rng, n, n_latents, k, p_zero=0.3):
 def test_vectorised_stats_equal_the_reference_and_their_bounds(n, n_latents, k, n_nb, seed):
     rng = np.random.default_rng(seed)
     k, n_nb = min(k, n_latents), min(n_nb, n - 1)
-    codes = _codes(rng, n, n_latents, k)
+    codes = random_codes(rng, n, n_latents, k, p_zero=0.3)
     queries = rng.choice(n, 7)
     neighbours = nbh.random_neighbourhoods(np.arange(n), queries, n_nb, seed)
     fast = nbh.neighbourhood_stats(codes, neighbours, queries)
@@ -113,7 +106,7 @@ def test_baselines_are_distinct_never_the_query_and_same_label():
 
 def test_code_cosines_equal_the_dense_cosines():
     rng = np.random.default_rng(3)
-    codes = _codes(rng, 80, 30, 4, p_zero=0.0)
+    codes = random_codes(rng, 80, 30, 4, p_zero=0.0)
     queries = np.arange(12)
     neighbours = rng.integers(0, 80, (12, 9))
     dense = codes.dense()
