@@ -104,8 +104,9 @@ def _study_settings(config: ImageStudyConfig) -> dict:
     return {"n_neighbours": config.n_neighbours, "seed": config.seed, **quick, **config.study}
 
 
-def _chain(preset: str, config: ImageStudyConfig, device: str) -> list:
-    """The backbone → store → SAE → codes stages of an image preset (progress bars when stderr is a terminal)."""
+def _chain(preset: str, config: ImageStudyConfig, data: dict | None, device: str) -> list:
+    """The backbone → store → SAE → codes stages of an image preset (progress bars when stderr is a terminal);
+    ``data``: the CNN data set (``_cnn_data``), None for imagenet-clip."""
     bars = sys.stderr.isatty()
     sae = sae_stage(config.sae_n_latents, config.sae_k, config.sae_epochs, config.seed, device, progress=bars)
     if preset == "imagenet-clip":
@@ -113,7 +114,6 @@ def _chain(preset: str, config: ImageStudyConfig, device: str) -> list:
                             backbone=config.backbone, weights=config.weights, parents=(), batch_size=64,
                             progress=bars)
         return [store, imported_sae_stage(config.sae) if config.sae else sae, codes_stage(device)]
-    data = _cnn_data(preset, config)
     source, kind = ("digits", "digits") if preset == "digits" else (data["dir"], "idx")
     return [cnn_stage(data, config.cnn_width, config.cnn_epochs, config.seed, device),
             store_stage(source, kind, config.seed, device, progress=bars), sae, codes_stage(device)]
@@ -131,7 +131,9 @@ def _cnn_data(preset: str, config: ImageStudyConfig) -> dict:
 
 def run_image_preset(preset: str, config: ImageStudyConfig, cache: StageCache, device: str) -> dict[str, dict]:
     """Run the chain and the studies of an image preset; returns the section statuses."""
-    for stage in _chain(preset, config, device):
+    # Computed once: for IDX files it hashes every file.
+    data = None if preset == "imagenet-clip" else _cnn_data(preset, config)
+    for stage in _chain(preset, config, data, device):
         cache.run(stage)
     if preset == "imagenet-clip":
         check_clip_sae(cache)
@@ -141,7 +143,7 @@ def run_image_preset(preset: str, config: ImageStudyConfig, cache: StageCache, d
     if preset != "imagenet-clip" and config.widths:
         sweep = WidthSweepConfig(widths=tuple(config.widths), cnn_epochs=config.cnn_epochs,
                                  n_neighbours=config.n_neighbours, seed=config.seed)
-        studies.append(("width", width_stage(_cnn_data(preset, config), sweep, device, log=cache.log)))
+        studies.append(("width", width_stage(data, sweep, device, log=cache.log)))
     for name, stage in studies:
         sections[name] = run_section(cache, name, stage)
     return sections

@@ -44,3 +44,9 @@ def paired_difference(a, b, provenance: str | None = None) -> dict:
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in length: {a.size} and {b.size}")
     return measure(a - b, provenance)
+
+
+def combined_se(*measures: dict | None) -> float:
+    """Standard error of a sum or difference of independent measures: the root of their summed squared SEs (a
+    missing measure or SE counts as zero)."""
+    return math.sqrt(sum(((m or {}).get("se") or 0.0) ** 2 for m in measures))

@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 
 from analysis.stats import measure
-from analysis.theory_model import (  # noqa: F401  (re-exported: the generator is part of this module's API)
-    ConceptData, ConceptModel, ConceptModelConfig, global_error_claim,
-)
+from analysis.theory_model import ConceptModelConfig
 from analysis.theory_plots import plot_d2, plot_neighbours, plot_regimes, plot_s_noise
 from analysis.theory_predict import PredictorConfig, trained_head_error
 from analysis.theory_sae import SAECheckConfig, sae_ground_truth
@@ -231,8 +229,3 @@ def _claim(claim: str, paper: str, measured: dict, holds: bool, detail: str) -> 
 
 def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
-
-
-def claim_lines(result: dict) -> list[str]:
-    """One line per claim of a ``theory_study`` result, claim beside measurement, for a terminal."""
-    return [c["summary"] for c in result["theory"]["claims"]]

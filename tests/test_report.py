@@ -1,7 +1,6 @@
 """report.json assembly, the paper's values and verdicts, and the HTML page (self-contained, escaped)."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ import numpy as np
 
 from analysis.pipeline import StageCache
 from analysis.report.document import build_report
-from analysis.report.gallery import build_cards, build_gallery
+from analysis.report.gallery import StoreImages, build_cards, build_gallery
 from analysis.report.html import write_html
 from artifacts import write_json
 
@@ -52,8 +52,9 @@ def _visuals(cache: StageCache, report_dir: Path, seed: int, n_neighbours: int, 
     shutil.rmtree(assets, ignore_errors=True)
     from analysis.naming import ConceptNamer
 
-    namer = ConceptNamer(codes, store.labels, store.classes)
-    gallery = build_gallery(store, codes, assets, namer=namer)
+    # Both read the same names and images: the source is reopened once (a folder of images is listed once).
+    namer, images = ConceptNamer(codes, store.labels, store.classes), StoreImages(store)
+    gallery = build_gallery(store, codes, assets, namer=namer, images=images)
     test = np.asarray(store.split.get("test", np.arange(store.n)))
     rows = np.sort(np.random.default_rng(seed).choice(test, size=min(N_CARDS, len(test)), replace=False))
     try:
@@ -61,7 +62,7 @@ def _visuals(cache: StageCache, report_dir: Path, seed: int, n_neighbours: int, 
     except Exception as e:  # the cards still show concepts and neighbours; the page says predictions are absent
         log(f"report: no predictions on the image cards ({type(e).__name__}: {e})")
         predictions = None
-    cards = build_cards(store, codes, assets, rows, predictions=predictions, namer=namer)
+    cards = build_cards(store, codes, assets, rows, predictions=predictions, namer=namer, images=images)
     if predictions:
         cards["predictions_note"] = (f"'global' is the CNN backbone's own head, 'TTT' that head after local TTT on the "
                                      f"{n_neighbours} nearest training embeddings (L2)")

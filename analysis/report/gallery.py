@@ -18,8 +18,16 @@ import numpy as np
 THUMB = 64
 
 
-def _esc(value) -> str:
+def esc(value) -> str:
+    """Any value as escaped HTML text."""
     return html.escape(str(value), quote=True)
+
+
+def image_uri(path: Path) -> str | None:
+    """A PNG file as a data URI, or None when it is missing."""
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 class StoreImages:
@@ -55,12 +63,14 @@ class StoreImages:
         return name
 
 
-def build_gallery(store, codes, out_dir: Path, n_concepts: int = 8, n_images: int = 8, namer=None) -> dict:
-    """The ``n_concepts`` most used concepts with descriptions (``analysis.naming``) and top-activating images."""
+def build_gallery(store, codes, out_dir: Path, n_concepts: int = 8, n_images: int = 8, namer=None,
+                  images: StoreImages | None = None) -> dict:
+    """The ``n_concepts`` most used concepts with descriptions (``analysis.naming``) and top-activating images
+    (``namer``, ``images``: built from the store when not given)."""
     from analysis.naming import ConceptNamer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = StoreImages(store)
+    images = images or StoreImages(store)
     namer = namer or ConceptNamer(codes, store.labels, store.classes)
     concepts = []
     for latent in np.argsort(-namer.counts, kind="stable")[:n_concepts]:
@@ -77,7 +87,7 @@ def build_gallery(store, codes, out_dir: Path, n_concepts: int = 8, n_images: in
 
 
 def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int = 8,
-                predictions: dict | None = None, namer=None) -> dict:
+                predictions: dict | None = None, namer=None, images: StoreImages | None = None) -> dict:
     """Image cards for store ``rows``: concepts, nearest training neighbours in code space (cosine), the concepts
     they share, and ``predictions`` ``{"global": {row: class}, "ttt": {row: class}}`` when given."""
     from analysis.naming import ConceptNamer
@@ -85,7 +95,7 @@ def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int
 
     namer = namer or ConceptNamer(codes, store.labels, store.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = StoreImages(store)
+    images = images or StoreImages(store)
     everything = SparseCodes(np.asarray(codes.values), np.asarray(codes.indices), codes.n_latents)
     index = NeighbourIndex(metric="cosine").fit(everything, rows=np.asarray(store.split["train"]))
     _, found = index.search(everything.take(rows), n_neighbours)
@@ -115,11 +125,11 @@ def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int
 
 
 def _img(run_dir: Path | None, rel: str | None, alt: str, css: str = "") -> str:
-    if run_dir is None or not rel or not (run_dir / "report" / rel).is_file():
-        return f"<span class=small>[{_esc(alt)}: no image]</span>"
-    data = base64.b64encode((run_dir / "report" / rel).read_bytes()).decode("ascii")
+    uri = image_uri(run_dir / "report" / rel) if run_dir is not None and rel else None
+    if uri is None:
+        return f"<span class=small>[{esc(alt)}: no image]</span>"
     cls = f" class={css}" if css else ""
-    return f'<img{cls} src="data:image/png;base64,{data}" alt="{_esc(alt)}" title="{_esc(alt)}">'
+    return f'<img{cls} src="{uri}" alt="{esc(alt)}" title="{esc(alt)}">'
 
 
 def render_gallery(gallery: dict | None, run_dir: Path | None = None) -> str:
@@ -131,9 +141,9 @@ def render_gallery(gallery: dict | None, run_dir: Path | None = None) -> str:
     for c in gallery["concepts"]:
         thumbs = "".join(_img(run_dir, rel, f"row {r}: {i}")
                          for rel, r, i in zip(c["images"], c["top_rows"], c["top_ids"]))
-        rows.append(f"<tr><td>concept {c['latent']}</td><td>{_esc(c['description'])}</td>"
+        rows.append(f"<tr><td>concept {c['latent']}</td><td>{esc(c['description'])}</td>"
                     f"<td class=num>{100 * c['frequency']:.1f}% ({c['n_rows']})</td><td class=thumbs>{thumbs}</td></tr>")
-    note = f"<p class=small>{_esc(gallery['images_note'])}</p>" if gallery.get("images_note") else ""
+    note = f"<p class=small>{esc(gallery['images_note'])}</p>" if gallery.get("images_note") else ""
     return (f"{note}<table id=gallery><tr><th>Concept</th><th>Description</th><th>Used by</th>"
             f"<th>Top-activating images</th></tr>{''.join(rows)}</table>")
 
@@ -146,15 +156,15 @@ def render_cards(cards: dict | None, run_dir: Path | None = None) -> str:
     out = []
     for c in cards["cards"]:
         concepts = "".join(f"<li><b>{k['shared_by']}/{len(c['neighbours'])}</b> neighbours share concept {k['latent']} "
-                           f"<span class=small>({_esc(k['description'].split(';')[0])})</span></li>"
+                           f"<span class=small>({esc(k['description'].split(';')[0])})</span></li>"
                            for k in c["concepts"])
         neighbours = "".join(_img(run_dir, n["image"], f"row {n['row']}: {n['label']}") for n in c["neighbours"])
-        pred = (f"global: <b>{_esc(c['global'])}</b>, TTT: <b>{_esc(c['ttt'])}</b>" if c.get("ttt") is not None
+        pred = (f"global: <b>{esc(c['global'])}</b>, TTT: <b>{esc(c['ttt'])}</b>" if c.get("ttt") is not None
                 else "predictions: not made in this run")
         out.append(f"<div class=card><div class=cardhead>{_img(run_dir, c['image'], c['id'], 'query')}<div>image "
-                   f"<b>{_esc(c['id'])}</b><br>label <b>{_esc(c['label'])}</b><br>{pred}<br><span class=small>"
+                   f"<b>{esc(c['id'])}</b><br>label <b>{esc(c['label'])}</b><br>{pred}<br><span class=small>"
                    f"{len(c['neighbours'])} nearest training neighbours use {c['union']} distinct concepts</span>"
                    f"</div></div><ul>{concepts}</ul><div class=thumbs>{neighbours}</div></div>")
-    note = (f"<p class=small>Neighbours on the cards are the nearest training images in {_esc(cards.get('space'))}; "
-            f"{_esc(cards.get('predictions_note') or 'no predictions were made for them in this run')}.</p>")
+    note = (f"<p class=small>Neighbours on the cards are the nearest training images in {esc(cards.get('space'))}; "
+            f"{esc(cards.get('predictions_note') or 'no predictions were made for them in this run')}.</p>")
     return f"{note}<div class=cards>{''.join(out)}</div>"

@@ -7,12 +7,10 @@ shows as text and never runs. Nothing on the page is executable: no scripts, no 
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
-from analysis.report.gallery import render_cards, render_gallery
+from analysis.report.gallery import esc, image_uri, render_cards, render_gallery
 
 PERCENT_WORDS = ("acc", "gain", "fraction", "agreement")
 SWEEP_COLUMNS = ("width", "n_neighbours", "n_train", "n_features", "n_parameters", "global_acc", "ttt_acc",
@@ -64,11 +62,6 @@ img.query{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ccd
 """
 
 
-def esc(value) -> str:
-    """Any value as escaped HTML text."""
-    return html.escape(str(value), quote=True)
-
-
 def is_percent(metric: str, value: float) -> bool:
     return any(w in metric.rsplit(".", 1)[-1] for w in PERCENT_WORDS) and abs(value) <= 1.0
 
@@ -97,13 +90,6 @@ def _verdict_class(verdict: str) -> str:
     if verdict.startswith(("differs", "contradicts", "does not")):
         return "bad"
     return "meh"
-
-
-def image_uri(path: Path) -> str | None:
-    """A PNG file as a data URI, or None when it is missing."""
-    if not path.is_file():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def summary_table(report: dict) -> str:

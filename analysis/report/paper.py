@@ -13,7 +13,7 @@ Two kinds of comparison:
 
 from __future__ import annotations
 
-import math
+from analysis.stats import combined_se
 
 AGREE_Z = 2.0
 """Differences within this many combined standard errors count as agreement."""
@@ -109,7 +109,7 @@ def number_verdict(ours: dict, paper: dict) -> str:
     if ours.get("se") is None:  # one sample: its error is unknown, not zero (the paper's may be missing)
         return NO_SE
     diff = ours["value"] - paper["value"]
-    se = math.sqrt((ours.get("se") or 0.0) ** 2 + (paper.get("se") or 0.0) ** 2)
+    se = combined_se(ours, paper)
     if se > 0 and abs(diff) <= AGREE_Z * se:
         return "agrees within error"
     if se == 0 and diff == 0:
@@ -129,7 +129,7 @@ def direction_verdict(a: dict, b: dict | None, sign: str) -> str:
     if a.get("se") is None or (b is not None and b.get("se") is None):  # both sides are this run's measures
         return NO_SE
     diff = a["value"] - (b["value"] if b else 0.0)
-    se = math.sqrt((a.get("se") or 0.0) ** 2 + ((b or {}).get("se") or 0.0) ** 2)
+    se = combined_se(a, b)
     signed = diff if sign == ">" else -diff
     if se == 0:
         return "supports the claim" if signed > 0 else "does not support it"
