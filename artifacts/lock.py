@@ -178,12 +178,6 @@ def release(final_dir: str | os.PathLike) -> None:
         _unlink_own(path)
 
 
-def holds(final_dir: str | os.PathLike) -> bool:
-    """Whether this process holds the lock of ``final_dir``."""
-    with _guard:
-        return lock_path(final_dir).absolute() in _held
-
-
 def _unlink_own(path: Path) -> None:
     holder = _read(path)
     if holder and holder.get("pid") == os.getpid():

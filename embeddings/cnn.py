@@ -32,8 +32,7 @@ from torchvision import transforms
 from artifacts import (
     SCHEMA_VERSION,
     ArtifactError,
-    begin_dir,
-    commit_dir,
+    building,
     package_version,
     read_json,
     sha256_file,
@@ -302,29 +301,29 @@ def save_cnn(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``meta.json`` to ``out_dir``, atomically."""
-    work = begin_dir(out_dir, overwrite)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(work / WEIGHTS_FILE))
-    config = {
-        "architecture": ARCHITECTURE,
-        "model": asdict(model.config),
-        "train": None if train is None else asdict(train),
-        "seed": seed,
-        "data": "digits",
-    }
-    write_json(work / "config.json", config)
-    write_json(
-        work / "meta.json",
-        {
-            "schema_version": SCHEMA_VERSION,
-            "package_version": package_version(),
-            "weights_sha256": sha256_file(work / WEIGHTS_FILE),
-            "n_features": model.config.n_features,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
-            "metrics": _json_safe(metrics or {}),
-        },
-    )
-    return commit_dir(work, out_dir, overwrite=overwrite)
+    with building(out_dir, overwrite) as work:  # committed at the end; deleted and unlocked on an error
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(work / WEIGHTS_FILE))
+        config = {
+            "architecture": ARCHITECTURE,
+            "model": asdict(model.config),
+            "train": None if train is None else asdict(train),
+            "seed": seed,
+            "data": "digits",
+        }
+        write_json(work / "config.json", config)
+        write_json(
+            work / "meta.json",
+            {
+                "schema_version": SCHEMA_VERSION,
+                "package_version": package_version(),
+                "weights_sha256": sha256_file(work / WEIGHTS_FILE),
+                "n_features": model.config.n_features,
+                "n_parameters": sum(p.numel() for p in model.parameters()),
+                "metrics": _json_safe(metrics or {}),
+            },
+        )
+    return Path(out_dir)
 
 
 def _json_safe(d: dict) -> dict:

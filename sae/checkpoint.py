@@ -27,14 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from artifacts import (
     SCHEMA_VERSION,
-    write_npy,
     ArtifactError,
-    begin_dir,
-    commit_dir,
+    building,
     package_version,
     read_json,
     sha256_file,
     write_json,
+    write_npy,
 )
 from sae.config import SAEConfig
 from sae.hub import resolve_sae_source
@@ -64,49 +63,49 @@ def save_sae(
     ``provenance``: what the training data was (``sae.provenance``). ``latent_frequency``: ``{"frequency":
     (n_latents,) array, "n_rows": int, "rows": str}``, written as ``latent_frequency.npy``.
     """
-    work = begin_dir(sae_dir, overwrite)
-    tensors = {name: getattr(model, name).detach().to("cpu").contiguous() for name in PARAM_NAMES}
-    save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
-    cfg = model.config
-    frequency_record = None
-    if latent_frequency is not None:
-        freq = np.asarray(latent_frequency["frequency"], dtype=np.float64)
-        if freq.shape != (cfg.n_latents,):
-            raise ValueError(f"latent_frequency must have shape ({cfg.n_latents},), got {freq.shape}")
-        write_npy(work / FREQUENCY_FILE, freq)
-        frequency_record = {
-            "file": FREQUENCY_FILE, "n_rows": int(latent_frequency["n_rows"]), "rows": latent_frequency.get("rows"),
-        }
-    write_json(
-        work / "config.json",
-        {
-            "d_in": cfg.d_in,
-            "n_latents": cfg.n_latents,
-            "k": cfg.k,
-            "variant": cfg.variant,
-            "sae": cfg.to_dict(),
-            "train": train_config,
-            "parent_store_hash": parent_store_hash,
-            "provenance": provenance,
-            "latent_frequency": frequency_record,
-            "metrics": metrics,
-        },
-    )
-    for name, obj in (extra_json or {}).items():
-        if Path(name).name != name or not name.endswith(".json") or name in ("config.json", "meta.json"):
-            raise ValueError(f"extra_json names must be plain '*.json' file names other than config/meta, got {name!r}")
-        write_json(work / name, obj)
-    write_json(
-        work / "meta.json",
-        {
-            "kind": "sae",
-            "schema_version": SCHEMA_VERSION,
-            "package_version": package_version(),
-            "weights_sha256": sha256_file(work / WEIGHTS_FILE),
-            "parent_store_hash": parent_store_hash,
-        },
-    )
-    return commit_dir(work, sae_dir, overwrite=overwrite)
+    with building(sae_dir, overwrite) as work:  # committed at the end; deleted and unlocked on an error
+        tensors = {name: getattr(model, name).detach().to("cpu").contiguous() for name in PARAM_NAMES}
+        save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = model.config
+        frequency_record = None
+        if latent_frequency is not None:
+            freq = np.asarray(latent_frequency["frequency"], dtype=np.float64)
+            if freq.shape != (cfg.n_latents,):
+                raise ValueError(f"latent_frequency must have shape ({cfg.n_latents},), got {freq.shape}")
+            write_npy(work / FREQUENCY_FILE, freq)
+            frequency_record = {
+                "file": FREQUENCY_FILE, "n_rows": int(latent_frequency["n_rows"]), "rows": latent_frequency.get("rows"),
+            }
+        write_json(
+            work / "config.json",
+            {
+                "d_in": cfg.d_in,
+                "n_latents": cfg.n_latents,
+                "k": cfg.k,
+                "variant": cfg.variant,
+                "sae": cfg.to_dict(),
+                "train": train_config,
+                "parent_store_hash": parent_store_hash,
+                "provenance": provenance,
+                "latent_frequency": frequency_record,
+                "metrics": metrics,
+            },
+        )
+        for name, obj in (extra_json or {}).items():
+            if Path(name).name != name or not name.endswith(".json") or name in ("config.json", "meta.json"):
+                raise ValueError(f"extra_json names must be plain '*.json' file names other than config/meta, got {name!r}")
+            write_json(work / name, obj)
+        write_json(
+            work / "meta.json",
+            {
+                "kind": "sae",
+                "schema_version": SCHEMA_VERSION,
+                "package_version": package_version(),
+                "weights_sha256": sha256_file(work / WEIGHTS_FILE),
+                "parent_store_hash": parent_store_hash,
+            },
+        )
+    return Path(sae_dir)
 
 
 def read_sae_config(sae_dir: str | os.PathLike) -> SAEConfig:

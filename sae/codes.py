@@ -24,7 +24,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from artifacts import (
-    SCHEMA_VERSION, ArtifactError, abandon_dir, begin_dir, commit_dir, package_version, read_json, write_json,
+    SCHEMA_VERSION, ArtifactError, building, package_version, read_json, write_json,
 )
 from sae.checkpoint import check_compatible
 from sae.metrics import code_metrics, iter_batches
@@ -137,8 +137,8 @@ def encode_array(
     if device is None:
         device = next(model.parameters()).device
     k, n_latents = model.config.k, model.config.n_latents
-    work = begin_dir(out_dir, overwrite)
-    try:
+    # Committed when the block ends; an error deletes the partial directory and releases the lock of out_dir.
+    with building(out_dir, overwrite) as work:
         indices = open_memmap(work / "indices.npy", mode="w+", dtype=np.int32, shape=(n, k))
         values = open_memmap(work / "values.npy", mode="w+", dtype=np.float32, shape=(n, k))
         counts = np.zeros(n_latents, dtype=np.int64)
@@ -198,10 +198,6 @@ def encode_array(
                 else {},
             },
         )
-    except BaseException:
-        abandon_dir(out_dir)  # deletes the partial directory and releases the lock of out_dir
-        raise
-    commit_dir(work, out_dir, overwrite=overwrite)
     return CodeStore.open(out_dir)
 
 

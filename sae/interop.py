@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from artifacts import ArtifactError, begin_dir, commit_dir, read_json, write_json
+from artifacts import ArtifactError, building, read_json, write_json
 from sae.checkpoint import save_sae
 from sae.config import SAEConfig
 from sae.model import TopKSAE
@@ -74,31 +74,31 @@ def export_sae(
     W_enc, b_enc, b_dec = (t.detach().float().cpu() for t in (model.W_enc, model.b_enc, model.b_dec))
     W_dec = model.decoder_weight().detach().float().cpu()  # the rows actually used (normalised for ``paper``)
     cfg = model.config
-    work = begin_dir(out_dir, overwrite)
-    if fmt == "saelens":
-        tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / SAELENS_WEIGHTS))
-        meta = {"model_name": (provenance or {}).get("backbone"), "hook_name": (provenance or {}).get("output_kind")}
-        config = {
-            "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k, "dtype": "float32",
-            "device": "cpu", "apply_b_dec_to_input": cfg.subtract_decoder_bias, "normalize_activations": "none",
-            "reshape_activations": "none", "meta": meta,
-        }
-    else:
-        if not cfg.subtract_decoder_bias:
-            # sparsify always encodes x - b_dec: (x - b_dec) @ W + (b + b_dec @ W) = x @ W + b.
-            b_enc = b_enc + b_dec @ W_enc
-        tensors = {"encoder.weight": W_enc.t(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / SPARSIFY_WEIGHTS))
-        config = {
-            "activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in), "normalize_decoder": True,
-            "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False, "skip_connection": False,
-            "transcode": False, "d_in": cfg.d_in,
-        }
-    # Extra top-level keys are dropped by both libraries' config loaders.
-    config["provenance"] = provenance
-    write_json(work / FOREIGN_CONFIG, config)
-    return commit_dir(work, out_dir, overwrite=overwrite)
+    with building(out_dir, overwrite) as work:  # committed at the end; deleted and unlocked on an error
+        if fmt == "saelens":
+            tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / SAELENS_WEIGHTS))
+            meta = {"model_name": (provenance or {}).get("backbone"), "hook_name": (provenance or {}).get("output_kind")}
+            config = {
+                "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k, "dtype": "float32",
+                "device": "cpu", "apply_b_dec_to_input": cfg.subtract_decoder_bias, "normalize_activations": "none",
+                "reshape_activations": "none", "meta": meta,
+            }
+        else:
+            if not cfg.subtract_decoder_bias:
+                # sparsify always encodes x - b_dec: (x - b_dec) @ W + (b + b_dec @ W) = x @ W + b.
+                b_enc = b_enc + b_dec @ W_enc
+            tensors = {"encoder.weight": W_enc.t(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / SPARSIFY_WEIGHTS))
+            config = {
+                "activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in), "normalize_decoder": True,
+                "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False, "skip_connection": False,
+                "transcode": False, "d_in": cfg.d_in,
+            }
+        # Extra top-level keys are dropped by both libraries' config loaders.
+        config["provenance"] = provenance
+        write_json(work / FOREIGN_CONFIG, config)
+    return Path(out_dir)
 
 
 def _check_paper_expressible(model: TopKSAE, x_check, allow_negative: bool) -> None:

@@ -42,15 +42,12 @@ import torch
 from artifacts import check_settings, is_artifact_dir, lock, partial_dir, read_json
 from artifacts.ranks import Ranks, resolve_device
 from sae.config import SAEConfig
-from sae.schedule import RunConfig, TrainConfig, TrainPlan, default_shape, k_at, lr_at
+from sae.schedule import RunConfig, TrainConfig, default_shape
 from sae.train_data import as_data
-from sae.train_state import CHECKPOINT_NAME, check_paths, load_checkpoint
-from sae.trainer import KILL_ENV, Trainer, TrainResult
+from sae.train_state import check_paths
+from sae.trainer import Trainer, TrainResult
 
-__all__ = [
-    "CHECKPOINT_NAME", "KILL_ENV", "RunConfig", "TrainConfig", "TrainPlan", "TrainResult",
-    "default_shape", "k_at", "load_checkpoint", "lr_at", "train_sae",
-]
+__all__ = ["RunConfig", "TrainConfig", "TrainResult", "default_shape", "train_sae"]
 
 
 def train_sae(

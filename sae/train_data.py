@@ -13,6 +13,7 @@ from sae.batches import BatchStream, IterableStream, check_rows_finite, first_ro
 from sae.schedule import TrainConfig
 from sae.train_state import rows_digest
 
+
 def _read_sample(x: np.ndarray, rows: np.ndarray, max_rows: int, seed: int, salt: int, what: str) -> np.ndarray:
     """``x[rows]`` as float32, or a seeded sample of ``max_rows`` of them (read in ascending order); NaN or Inf
     is an error naming the rows. ``salt`` keeps the samples drawn for different purposes independent."""
@@ -43,7 +44,6 @@ def check_finite(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 65536) -> No
             f"training data holds NaN or Inf in {len(bad)} rows: {sorted(bad)[:10]}"
             f"{' ...' if len(bad) > 10 else ''}; fix or re-extract the embeddings"
         )
-
 
 
 @dataclass

@@ -114,7 +114,6 @@ def check_fingerprint(saved: dict, current: dict, ckpt_path: Path) -> None:
         )
 
 
-
 def check_paths(out_dir: Path, work_dir: Path, resume: bool, overwrite: bool) -> bool:
     """Decide whether to resume; refuse to clobber silently. Returns True when a checkpoint will be loaded."""
     ckpt = work_dir / CHECKPOINT_NAME

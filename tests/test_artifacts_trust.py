@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from artifacts import (
     write_json,
 )
 from embeddings.store import EmbeddingStore, write_store
+from script_runner import run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SAE = str(ROOT / "scripts" / "train_sae.py")
@@ -58,17 +57,8 @@ def _run(*cmd, **kw):
 
 
 def _in_process(script, *argv, capsys):
-    """Run a script's ``__main__`` here (no new interpreter to start): its exit status, stdout and stderr."""
-    old = sys.argv
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
+    """Run a script's ``__main__`` here (no new interpreter to start), answered like ``_run``."""
+    code, out, err = run_script_in_process(Path(script).name, *argv, capsys=capsys)
     return subprocess.CompletedProcess(argv, code, out, err)
 
 

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 
 from artifacts import partial_dir
 from embeddings.store import write_store
-from sae.train import CHECKPOINT_NAME, KILL_ENV, load_checkpoint
+from sae.train_state import CHECKPOINT_NAME, load_checkpoint
+from sae.trainer import KILL_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_sae.py"

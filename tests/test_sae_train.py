@@ -22,7 +22,10 @@ from sae.batches import BatchStream, choose_rows, heldout_split
 from sae.checkpoint import load_sae
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
-from sae.train import KILL_ENV, RunConfig, TrainConfig, TrainPlan, default_shape, k_at, lr_at, train_sae
+from sae.schedule import TrainPlan, k_at, lr_at
+from sae.train import RunConfig, TrainConfig, default_shape, train_sae
+from sae.train_state import load_checkpoint
+from sae.trainer import KILL_ENV
 from script_runner import run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -485,7 +488,7 @@ def test_paper_variant_counts_validation_batches_as_dead_statistics(tmp_path, mo
         with pytest.raises(Interrupted):
             train_sae(x, out, config, TrainConfig(n_steps=20, batch_size=20), run,
                       train_rows=np.arange(200), heldout_rows=np.arange(200, 240))
-        state = train_mod.load_checkpoint(partial_dir(out) / "checkpoint.pt")
+        state = load_checkpoint(partial_dir(out) / "checkpoint.pt")
         assert [v["step"] for v in state["val_history"]] == [5, 10]
         if variant == "paper":
             assert state["dead"]["n_seen"] == 10 * 20 + 2 * 40  # training samples plus two validations

@@ -6,7 +6,6 @@ import ast
 import errno
 import os
 import re
-import runpy
 import subprocess
 import sys
 from fractions import Fraction
@@ -18,10 +17,10 @@ import torch
 
 from artifacts import ArtifactError
 from artifacts.cli import TRACEBACK_ENV, error_line, run_main
+from script_runner import run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-EXTRACT = str(SCRIPTS / "extract.py")
 
 
 def _env():
@@ -145,16 +144,10 @@ def test_each_script_answers_a_mistake_with_one_line(tmp_path, script):
 
 
 def _extract(capsys, *argv):
-    old = sys.argv
-    sys.argv = [EXTRACT, "--no-progress", "--device", "cpu", "--threads", "1", "--num-workers", "0", *argv]
-    try:
-        runpy.run_path(EXTRACT, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
+    code, _, err = run_script_in_process(
+        "extract.py", "--no-progress", "--device", "cpu", "--threads", "1", "--num-workers", "0", *argv, capsys=capsys
+    )
+    return code, err
 
 
 class Payload:
