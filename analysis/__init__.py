@@ -1,1 +1,4 @@
-"""Concept analysis on SAE codes: neighbours, sharing statistics, local test-time training, reports."""
+"""Concept analysis on SAE codes. The shared core sits here (spaces, neighbours, code_search, neighbourhoods, heads,
+local_ttt, batched_ttt, parents, stats, figures); the studies are packages on it: concepts/, ttt/, theory/; run/ and
+report/ sit on top. Core entry points: ``spaces.make_space``, ``neighbours.NeighbourIndex``, ``heads.train_head``,
+``local_ttt.LocalTTT``."""

@@ -175,7 +175,7 @@ def bench_sharing(codes: SparseCodes, n_queries: int, seed: int) -> None:
 
 
 def make_query_store(tmp: Path, n: int, d: int, n_latents: int, k: int, seed: int) -> tuple[Path, Path, Path]:
-    from analysis.stages import encode_store
+    from analysis.run.store_stages import encode_store
     from embeddings.store import write_store
     from sae.checkpoint import save_sae
     from sae.config import SAEConfig
@@ -191,7 +191,7 @@ def make_query_store(tmp: Path, n: int, d: int, n_latents: int, k: int, seed: in
 
 
 def bench_query(n: int, d: int, n_latents: int, k: int, seed: int) -> None:
-    from analysis.query import QueryEngine
+    from analysis.concepts.query import QueryEngine
     from embeddings.store import EmbeddingStore
     from sae.checkpoint import load_sae
     from sae.codes import CodeStore

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.presets import reproduce
+from analysis.run.presets import reproduce
 
 TARGET_S = 300.0
 CHAIN = ("backbone", "store", "sae", "codes")

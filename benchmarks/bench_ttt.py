@@ -1,6 +1,6 @@
 """Local TTT throughput: the per-query reference loop vs the batched exact and fast modes, same data, same process.
 
-Synthetic data shaped like ImageNet under CLIP (``analysis/ttt_data.py``): 1000 classes, 512-d unit-norm
+Synthetic data shaped like ImageNet under CLIP (``analysis/ttt/data.py``): 1000 classes, 512-d unit-norm
 features made from locally sparse concepts, so that TTT really helps; 60 neighbours, 50 full-batch Adam steps
 at lr 1e-2 (the paper's ImageNet protocol). Prints the matmul kernels' speed on this CPU, the accuracies
 (global / TTT / majority, so that the benchmark is visibly not degenerate), the agreement of the modes, and
@@ -22,8 +22,8 @@ import torch
 
 from analysis.heads import HeadConfig, train_head
 from analysis.stats import accuracy, paired_difference
-from analysis.ttt import LocalTTT, TTTConfig
-from analysis.ttt_data import SparseTopics, sparse_topics
+from analysis.local_ttt import LocalTTT, TTTConfig
+from analysis.ttt.data import SparseTopics, sparse_topics
 
 
 def parse() -> argparse.Namespace:

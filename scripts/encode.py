@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from analysis.stages import encode_store
+from analysis.run.store_stages import encode_store
 from artifacts.cli import run_main
 
 

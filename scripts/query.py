@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from analysis.query import QueryEngine, embed_image, format_text
+from analysis.concepts.query import QueryEngine, embed_image, format_text
 from analysis.spaces import SPACE_NAMES
 from artifacts.cli import run_main
 from embeddings.store import EmbeddingStore
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = engine.query(row, args.neighbours, args.space)
     answer["sheet"] = None
     if args.sheet:
-        from analysis.contact_sheet import contact_sheet  # matplotlib: imported only when a sheet is asked for
+        from analysis.concepts.sheet import contact_sheet  # matplotlib: imported only when a sheet is asked for
 
         answer["sheet"] = contact_sheet(answer, store, engine.namer, args.sheet, query_image=query_image)
     if args.json:

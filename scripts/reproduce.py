@@ -17,7 +17,7 @@ import json
 import sys
 import warnings
 
-from analysis.presets import PRESETS, reproduce
+from analysis.run.presets import PRESETS, reproduce
 from artifacts.cli import run_main
 
 

@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from analysis.stages import sae_config_for_store, train_sae_on_store
+from analysis.run.store_stages import sae_config_for_store, train_sae_on_store
 from artifacts.cli import run_main
 from embeddings.store import EmbeddingStore
 from sae.batches import choose_rows

@@ -20,7 +20,7 @@ import textwrap
 import typing
 from pathlib import Path
 
-from analysis.ttt_study import TTTStudyConfig, ttt_study
+from analysis.ttt.study import TTTStudyConfig, ttt_study
 from artifacts import (
     SCHEMA_VERSION, ArtifactError, commit_dir, package_version, partial_dir, write_json,
 )

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from analysis.neighbours import SparseCodes
-from analysis.stages import encode_store
+from analysis.run.store_stages import encode_store
 from embeddings.store import write_store
 from sae.checkpoint import save_sae
 from sae.config import SAEConfig

@@ -312,7 +312,7 @@ def test_a_hand_edited_meta_is_refused_on_open(small_store):
 
 
 def test_a_zeroed_content_hash_is_refused_where_a_child_records_it(tmp_path, small_store):
-    from analysis.stages import encode_store, train_sae_on_store
+    from analysis.run.store_stages import encode_store, train_sae_on_store
     from sae.checkpoint import save_sae
     from sae.config import SAEConfig
     from sae.model import TopKSAE

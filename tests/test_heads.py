@@ -6,7 +6,7 @@ import torch
 
 from analysis.heads import HeadConfig, head_features, load_head, predict_head, save_head, train_head
 from analysis.neighbours import SparseCodes
-from analysis.ttt_data import isotropic
+from analysis.ttt.data import isotropic
 from artifacts import ArtifactError, read_json
 
 

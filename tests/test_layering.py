@@ -64,3 +64,60 @@ def test_checker_catches_forbidden_imports(tmp_path, source, package, ok):
     path.write_text(source + "\n")
     bad = project_imports(path) - ALLOWED[package] - {package}
     assert (not bad) == ok
+
+
+STUDIES = {"concepts", "ttt", "theory"}
+TOP = {"run", "report"}
+
+
+def analysis_part(module: str) -> str:
+    """``core`` for a top-level module of analysis/, else the name of its package."""
+    parts = module.split(".")
+    if len(parts) >= 2 and (ROOT / "analysis" / parts[1]).is_dir():
+        return parts[1]
+    return "core"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every project module ``path`` imports, resolved to a module that exists (``from a.b import c`` names
+    ``a.b.c`` when that is a module, else ``a.b``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            candidates = [m for m in submodules if is_module(m)] or [node.module]
+        else:
+            continue
+        found |= {name for name in candidates if name.split(".")[0] in PROJECT and is_module(name)}
+    return found
+
+
+def is_module(name: str) -> bool:
+    base = ROOT / name.replace(".", "/")
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def test_analysis_core_and_studies_import_in_one_direction():
+    """The core imports no study package; a study imports the core and itself only; run/ and report/ sit on top."""
+    violations = []
+    for path in sorted((ROOT / "analysis").rglob("*.py")):
+        here = analysis_part(module_name(path))
+        for name in imported_modules(path):
+            if not name.startswith("analysis.") or here in TOP:
+                continue
+            there = analysis_part(name)
+            if there == here or there == "core":
+                continue
+            violations.append(f"{path.relative_to(ROOT)} ({here}) imports {name} ({there})")
+    assert not violations, "analysis layering broken:\n" + "\n".join(violations)

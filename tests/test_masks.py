@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from analysis.heads import HeadConfig, train_head
-from analysis.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
-from analysis.ttt import LocalTTT, TTTConfig, top_distribution
-from analysis.ttt_data import SparseTopics, sparse_topics
+from analysis.ttt.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
+from analysis.local_ttt import LocalTTT, TTTConfig, top_distribution
+from analysis.ttt.data import SparseTopics, sparse_topics
 
 
 @pytest.fixture(autouse=True)

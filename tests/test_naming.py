@@ -4,7 +4,7 @@ concepts are described as such; concept -> images lookups equal brute force."""
 import numpy as np
 import pytest
 
-from analysis.naming import ConceptNamer, describe_concepts, firing_counts, label_counts, rows_with_latents, top_rows
+from analysis.concepts.naming import ConceptNamer, describe_concepts, firing_counts, label_counts, rows_with_latents, top_rows
 from analysis.spaces import codes_from_arrays
 
 CLASSES = ["tabby cat", "ship", "tree"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from analysis.pipeline import Stage, StageCache, stage_key
+from analysis.run.cache import Stage, StageCache, stage_key
 from artifacts import partial_dir
 
 

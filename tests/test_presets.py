@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.presets import preset_config, reproduce
+from analysis.run.presets import preset_config, reproduce
 from embeddings.store import EmbeddingStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +195,8 @@ def test_imagenet_clip_preset_end_to_end_with_a_stand_in_model(tmp_path):
 
 
 def test_clip_sae_made_otherwise_warns_naming_both(tmp_path):
-    from analysis.pipeline import StageCache, StageResult
-    from analysis.presets import check_clip_sae
+    from analysis.run.cache import StageCache, StageResult
+    from analysis.run.presets import check_clip_sae
     from artifacts import write_json
 
     for name, body in (("store", {"backbone": "vit_base_patch16_clip_224.openai", "backbone_info": {}}),
@@ -258,8 +258,8 @@ def test_a_run_killed_during_sae_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_a_failing_study_is_a_failed_section_with_its_traceback(tmp_path):
-    from analysis.pipeline import Stage, StageCache
-    from analysis.presets import run_section
+    from analysis.run.cache import Stage, StageCache
+    from analysis.run.presets import run_section
 
     def boom(out_dir, parents):
         raise ValueError("the study broke")
@@ -268,8 +268,8 @@ def test_a_failing_study_is_a_failed_section_with_its_traceback(tmp_path):
     status = run_section(cache, "concepts", Stage("concepts", {}, boom))
     assert status["status"] == "failed" and "the study broke" in status["reason"]
     assert "Traceback" in (tmp_path / "stages" / "concepts.error.txt").read_text()
-    assert run_section(cache, "ttt", "analysis/ttt_study.py is not in this tree") == {
-        "status": "missing", "reason": "analysis/ttt_study.py is not in this tree"}
+    assert run_section(cache, "ttt", "analysis/ttt/study.py is not in this tree") == {
+        "status": "missing", "reason": "analysis/ttt/study.py is not in this tree"}
 
 
 def test_the_summary_lines_survive_a_claim_that_could_not_be_measured(capsys):
@@ -290,8 +290,8 @@ def test_new_contents_in_the_same_idx_folder_change_the_backbone_key(tmp_path):
     # Swapping MNIST for Fashion-MNIST in the same --data folder must not reuse the old CNN, store and studies.
     from test_idx import make_idx_set
 
-    from analysis.pipeline import stage_key
-    from analysis.presets import _chain, _cnn_data
+    from analysis.run.cache import stage_key
+    from analysis.run.presets import _chain, _cnn_data
 
     def backbone_key():
         config = preset_config("mnist", data=str(tmp_path / "data"), **{**TINY, "widths": (1,)})

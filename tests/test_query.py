@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.naming import ConceptNamer
+from analysis.concepts.naming import ConceptNamer
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.query import QUERY_SCHEMA, QueryEngine
+from analysis.concepts.query import QUERY_SCHEMA, QueryEngine
 from embeddings.backbone import load_backbone
 from embeddings.cnn import CNNConfig, DigitsCNN, save_cnn
 from embeddings.digits import load_digits_images
@@ -131,7 +131,7 @@ def test_text_output_and_contact_sheet(planted, monkeypatch, capsys, tmp_path):
 def test_sheet_says_when_images_are_not_available(tmp_path):
     store_dir, sae_dir, codes_dir = planted_artifacts(tmp_path, source={"kind": "image_folder",
                                                                         "root": str(tmp_path / "moved-away")})
-    from analysis.contact_sheet import contact_sheet
+    from analysis.concepts.sheet import contact_sheet
 
     store = EmbeddingStore.open(store_dir)
     engine = QueryEngine(store, load_sae(sae_dir), CodeStore.open(codes_dir))

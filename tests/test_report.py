@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from analysis.pipeline import StageResult
+from analysis.run.cache import StageResult
 from analysis.report.document import SCHEMA, build_report, lookup
 from analysis.report.html import render_html
 from analysis.report.paper import direction_verdict, number_verdict, width_verdict

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.pipeline import StageResult
+from analysis.run.cache import StageResult
 from analysis.report.document import build_report
 from analysis.report.html import write_html
 from analysis.report.plots import plot_accuracies, plot_n_neighbours, plot_width

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from analysis.stages import encode_store, train_sae_on_store
+from analysis.run.store_stages import encode_store, train_sae_on_store
 from embeddings.store import write_store
 from sae.checkpoint import read_latent_frequency, read_provenance
 from sae.codes import CodeStore

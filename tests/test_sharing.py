@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from analysis import neighbourhoods as nbh
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.sharing import ConceptConfig, concept_study, find_neighbours, study_rows
+from analysis.concepts.sharing import ConceptConfig, concept_study, find_neighbours, study_rows
 from analysis.spaces import embedding_space
 from embeddings.store import EmbeddingStore, write_store
 from sae.checkpoint import load_sae

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from analysis.heads import HeadConfig, predict_head, train_head
-from analysis.theory import TheoryConfig, theory_study
-from analysis.theory_model import (
+from analysis.theory.study import TheoryConfig, theory_study
+from analysis.theory.model import (
     ConceptModel, ConceptModelConfig, concept_covariance, global_error_claim, global_error_sd,
 )
-from analysis.theory_predict import PredictorConfig, evaluate_draw, least_squares_head
-from analysis.theory_sae import SAECheckConfig, matched_cosines, sae_ground_truth
-from analysis.theory_sweeps import global_error_tolerance, log_slope, slope_over_seeds
+from analysis.theory.predict import PredictorConfig, evaluate_draw, least_squares_head
+from analysis.theory.sae_truth import SAECheckConfig, matched_cosines, sae_ground_truth
+from analysis.theory.sweeps import global_error_tolerance, log_slope, slope_over_seeds
 
 # Underparameterised (d2 = d1/8) and locally sparse: each cluster's points share their s concepts.
 SPARSE = ConceptModelConfig(d1=128, s=8, d2=16, n_clusters=64, spread=0.5, noise=0.3, n_train=4000, n_test=300)

@@ -8,8 +8,8 @@ import torch
 
 from analysis.heads import HeadConfig, head_loss, train_head
 from analysis.stats import accuracy, paired_difference
-from analysis.ttt import LocalTTT, TTTConfig, knn_majority
-from analysis.ttt_data import SparseTopics, isotropic, sparse_topics
+from analysis.local_ttt import LocalTTT, TTTConfig, knn_majority
+from analysis.ttt.data import SparseTopics, isotropic, sparse_topics
 
 IMPLS = ["reference", "exact", "fast"]
 
@@ -159,7 +159,7 @@ def test_memory_bound_sets_the_query_batch(topics):
 
 
 def test_fused_adam_is_the_pure_adam_step():
-    from analysis.ttt_batched import AdamMoments, adam_step, fused_adam_step
+    from analysis.batched_ttt import AdamMoments, adam_step, fused_adam_step
 
     gen = torch.Generator().manual_seed(0)
     p1 = torch.randn(3, 7, 5, generator=gen)

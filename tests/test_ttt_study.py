@@ -7,10 +7,10 @@ import pytest
 
 from analysis.heads import HeadConfig, train_head
 from analysis.stats import accuracy
-from analysis.ttt import LocalTTT, TTTConfig
-from analysis.ttt_chunks import evaluate
-from analysis.ttt_data import SparseTopics, sparse_topics
-from analysis.ttt_study import TTTStudyConfig, _rows, concept_analyses, ttt_study
+from analysis.local_ttt import LocalTTT, TTTConfig
+from analysis.ttt.chunks import evaluate
+from analysis.ttt.data import SparseTopics, sparse_topics
+from analysis.ttt.study import TTTStudyConfig, _rows, concept_analyses, ttt_study
 from artifacts import ArtifactError
 from embeddings.store import EmbeddingStore
 from sae.checkpoint import load_sae

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.pipeline import StageCache
+from analysis.run.cache import StageCache
 from analysis.report.document import build_report
 from analysis.report.gallery import StoreImages, build_cards, build_gallery
 from analysis.report.html import write_html
@@ -27,8 +27,8 @@ def card_predictions(cache: StageCache, store, rows: np.ndarray, n_neighbours: i
     if "backbone" not in cache.results:
         return None
     try:
-        from analysis.scaling import cnn_head
-        from analysis.ttt import LocalTTT, TTTConfig
+        from analysis.ttt.scaling import cnn_head
+        from analysis.local_ttt import LocalTTT, TTTConfig
         from embeddings.cnn import load_cnn
     except ImportError:
         return None
@@ -45,12 +45,12 @@ def _visuals(cache: StageCache, report_dir: Path, seed: int, n_neighbours: int, 
     """The concept gallery and the image cards, when the run has codes."""
     if "codes" not in cache.results:
         return {}, {}
-    from analysis.image_chain import open_chain
+    from analysis.run.chain import open_chain
 
     store, _, codes = open_chain(cache.results)
     assets = report_dir / "assets"
     shutil.rmtree(assets, ignore_errors=True)
-    from analysis.naming import ConceptNamer
+    from analysis.concepts.naming import ConceptNamer
 
     # Both read the same names and images: the source is reopened once (a folder of images is listed once).
     namer, images = ConceptNamer(codes, store.labels, store.classes), StoreImages(store)

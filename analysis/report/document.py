@@ -26,7 +26,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis.pipeline import StageResult
+from analysis.run.cache import StageResult
 from analysis.report.paper import CLAIMS, DIRECTIONS, direction_verdict, number_verdict, paper_values, width_verdict
 from artifacts import package_version
 

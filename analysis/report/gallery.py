@@ -65,9 +65,9 @@ class StoreImages:
 
 def build_gallery(store, codes, out_dir: Path, n_concepts: int = 8, n_images: int = 8, namer=None,
                   images: StoreImages | None = None) -> dict:
-    """The ``n_concepts`` most used concepts with descriptions (``analysis.naming``) and top-activating images
+    """The ``n_concepts`` most used concepts with descriptions (``analysis.concepts.naming``) and top-activating images
     (``namer``, ``images``: built from the store when not given)."""
-    from analysis.naming import ConceptNamer
+    from analysis.concepts.naming import ConceptNamer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images = images or StoreImages(store)
@@ -90,7 +90,7 @@ def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int
                 predictions: dict | None = None, namer=None, images: StoreImages | None = None) -> dict:
     """Image cards for store ``rows``: concepts, nearest training neighbours in code space (cosine), the concepts
     they share, and ``predictions`` ``{"global": {row: class}, "ttt": {row: class}}`` when given."""
-    from analysis.naming import ConceptNamer
+    from analysis.concepts.naming import ConceptNamer
     from analysis.neighbours import NeighbourIndex, SparseCodes
 
     namer = namer or ConceptNamer(codes, store.labels, store.classes)

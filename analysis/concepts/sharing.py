@@ -19,9 +19,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from analysis import neighbourhoods as nbh
-from analysis.naming import firing_counts
+from analysis.concepts.naming import firing_counts
 from analysis.neighbours import NeighbourIndex
-from analysis.query import check_codes
+from analysis.parents import check_codes
 from analysis.spaces import SPACE_NAMES, Space, code_space, embedding_space, reconstruction_space
 from analysis.stats import accuracy, measure, paired_difference
 from embeddings.store import EmbeddingStore
@@ -166,8 +166,7 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
     distributions of neighbours found in Ψ and in Φ̂), ``sharing.spaces``/``random``/``same_label`` (every
     statistic), ``sharing.o1``, ``downstream.acc_raw``/``acc_recon``/``acc_codes``, ``plots`` (name -> path).
     """
-    from analysis import concept_plots
-
+    from analysis.concepts import plots as concept_plots
     config = config or ConceptConfig()
     check_codes(store, sae, codes)  # codes of another store would pair rows with other images' concepts
     if codes.n != store.n or codes.n_latents != sae.config.n_latents:

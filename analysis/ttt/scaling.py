@@ -60,7 +60,7 @@ def cnn_head(model):
 
 def width_point(width: int, images, labels, split, config: WidthSweepConfig, device: str = "cpu") -> dict:
     """One width: train the CNN, TTT its head on the test images; accuracies and the paired TTT gain."""
-    from analysis.ttt import LocalTTT, TTTConfig
+    from analysis.local_ttt import LocalTTT, TTTConfig
     from embeddings.cnn import CNNConfig, CNNTrainConfig, train_cnn
 
     cnn_config = CNNConfig(width=int(width), image_size=int(images.shape[1]), n_classes=int(labels.max()) + 1)

@@ -21,7 +21,7 @@ import torch
 from analysis.neighbourhoods import neighbourhood_stats
 from analysis.neighbours import NeighbourIndex, SparseCodes
 from analysis.stats import measure, paired_difference
-from analysis.theory_model import ConceptModel, ConceptModelConfig
+from analysis.theory.model import ConceptModel, ConceptModelConfig
 from sae.checkpoint import load_sae
 from sae.config import SAEConfig
 from sae.train import RunConfig, TrainConfig, train_sae

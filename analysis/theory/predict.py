@@ -4,7 +4,7 @@ The global predictor is the toolkit's linear ``Head`` (``analysis/heads.py``) wh
 least-squares fit on the training features: the limit that ``train_head`` with MSE converges to, reached
 exactly and in milliseconds instead of after thousands of Adam steps (which crawl along the badly conditioned
 directions of ``A`` as d2 → d1). ``trained_head_error`` trains the same head with ``train_head`` as a check that
-the two agree. Local TTT is ``LocalTTT`` (``analysis/ttt.py``) started from that head, with neighbours from
+the two agree. Local TTT is ``LocalTTT`` (``analysis/local_ttt.py``) started from that head, with neighbours from
 ``NeighbourIndex`` in Ψ; the kNN baseline is the neighbours' mean target (majority vote for classification).
 
 Errors are measured per test point: squared error against the *noiseless* score ``<Φ, w*>`` for regression
@@ -22,8 +22,8 @@ import torch
 
 from analysis.heads import Head, HeadConfig, predict_head, train_head
 from analysis.neighbourhoods import neighbourhood_stats
-from analysis.theory_model import ConceptData, ConceptModel, ConceptModelConfig
-from analysis.ttt import LocalTTT, TTTConfig
+from analysis.theory.model import ConceptData, ConceptModel, ConceptModelConfig
+from analysis.local_ttt import LocalTTT, TTTConfig
 
 
 @dataclass(frozen=True)

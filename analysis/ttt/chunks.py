@@ -15,7 +15,7 @@ import numpy as np
 
 from analysis.heads import n_rows
 from analysis.neighbours import SparseCodes
-from analysis.ttt import LocalTTT, TTTResult
+from analysis.local_ttt import LocalTTT, TTTResult
 from artifacts import ArtifactError, atomic_file, read_json, write_json
 from artifacts.ranks import Ranks
 

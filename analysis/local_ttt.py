@@ -8,7 +8,7 @@ discard the copy. Nothing leaks between queries and the global head is never cha
 
 Three implementations of the same protocol (``impl``): ``reference`` is the plain per-query loop (deep copy +
 ``torch.optim.Adam``), the twin every faster path is tested against; ``exact`` and ``fast`` are batched
-(``analysis/ttt_batched.py``). Baselines: the global head, and the kNN vote in the same space (unweighted
+(``analysis/batched_ttt.py``). Baselines: the global head, and the kNN vote in the same space (unweighted
 majority; ties go to the class of the nearest tied neighbour) or, for regression, the neighbours' mean.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from analysis.heads import Head, dense_rows, head_features, head_loss, head_outputs, n_rows
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.ttt_batched import LocalOutputs, queries_per_batch, ttt_exact, ttt_fast
+from analysis.batched_ttt import LocalOutputs, queries_per_batch, ttt_exact, ttt_fast
 
 MODES = ("erm", "sequential")
 IMPLS = ("reference", "exact", "fast")

@@ -1,13 +1,13 @@
 """The paper's Section 2 as an experiment: when does local TTT beat a global head on the linear-representation
 model, and does the SAE recover the planted concepts?
 
-``theory_study(config, out_dir)`` draws the model (``analysis/theory_model.py``) in two regimes, locally sparse
+``theory_study(config, out_dir)`` draws the model (``analysis/theory/model.py``) in two regimes, locally sparse
 (semantic clusters) and isotropic supports, sweeps the feature width d2, the neighbourhood size, the sparsity s
-and the noise σ (``analysis/theory_sweeps.py``), trains the toolkit's SAE on Ψ (``analysis/theory_sae.py``),
-draws the plots (``analysis/theory_plots.py``) and returns a JSON-ready dict: every number a Measure dict over
+and the noise σ (``analysis/theory/sweeps.py``), trains the toolkit's SAE on Ψ (``analysis/theory/sae_truth.py``),
+draws the plots (``analysis/theory/plots.py``) and returns a JSON-ready dict: every number a Measure dict over
 seeds × test points, and ``theory.claims``, each paper claim beside the measured value and a verdict.
 
-Predictors are the toolkit's own: the linear ``Head`` (least-squares fitted, see ``analysis/theory_predict.py``),
+Predictors are the toolkit's own: the linear ``Head`` (least-squares fitted, see ``analysis/theory/predict.py``),
 ``LocalTTT`` with the paper's ERM protocol, ``NeighbourIndex`` for exact L2 neighbours, the kNN mean.
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from analysis.stats import measure
-from analysis.theory_model import ConceptModelConfig
-from analysis.theory_plots import plot_d2, plot_neighbours, plot_regimes, plot_s_noise
-from analysis.theory_predict import PredictorConfig, trained_head_error
-from analysis.theory_sae import SAECheckConfig, sae_ground_truth
-from analysis.theory_sweeps import d2_rows, k_rows, rate_slopes, run_seeds, sweep
+from analysis.theory.model import ConceptModelConfig
+from analysis.theory.plots import plot_d2, plot_neighbours, plot_regimes, plot_s_noise
+from analysis.theory.predict import PredictorConfig, trained_head_error
+from analysis.theory.sae_truth import SAECheckConfig, sae_ground_truth
+from analysis.theory.sweeps import d2_rows, k_rows, rate_slopes, run_seeds, sweep
 
 DEFAULT_MODEL = ConceptModelConfig(d1=256, s=16, d2=32, n_clusters=256, spread=0.5, noise=0.3,
                                    n_train=30000, n_test=1000)

@@ -14,8 +14,8 @@ import math
 import numpy as np
 
 from analysis.stats import measure, paired_difference
-from analysis.theory_model import ConceptModelConfig, global_error_claim, global_error_sd
-from analysis.theory_predict import DrawResult, PredictorConfig, evaluate_draw
+from analysis.theory.model import ConceptModelConfig, global_error_claim, global_error_sd
+from analysis.theory.predict import DrawResult, PredictorConfig, evaluate_draw
 
 
 def summarise(draws: list[DrawResult], k: int) -> dict:

@@ -1,7 +1,7 @@
 """The study stages of a run: concepts, TTT, the width sweep, the theory simulation, as cache entries.
 
-Each stage calls its study (``analysis.sharing.concept_study``, ``analysis.ttt_study.ttt_study``,
-``analysis.scaling.width_sweep``, ``analysis.theory.theory_study``) into a fresh directory, writes the returned
+Each stage calls its study (``analysis.concepts.sharing.concept_study``, ``analysis.ttt.study.ttt_study``,
+``analysis.ttt.scaling.width_sweep``, ``analysis.theory.study.theory_study``) into a fresh directory, writes the returned
 numbers to ``result.json`` beside the study's plots, and keeps them in the stage record as ``metrics``. When a
 study is not in the tree, ``missing_reason`` says so, and the preset reports the section as missing: never a
 number in its place.
@@ -16,14 +16,14 @@ import typing
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
-from analysis.image_chain import data_images, open_chain
-from analysis.pipeline import Stage, resume_dir
+from analysis.run.chain import data_images, open_chain
+from analysis.run.cache import Stage, resume_dir
 from artifacts import building, write_json
 
 STUDIES = {
-    "concepts": ("analysis.sharing", "concept_study"),
-    "ttt": ("analysis.ttt_study", "ttt_study"),
-    "theory": ("analysis.theory", "theory_study"),
+    "concepts": ("analysis.concepts.sharing", "concept_study"),
+    "ttt": ("analysis.ttt.study", "ttt_study"),
+    "theory": ("analysis.theory.study", "theory_study"),
 }
 """Stage name -> (module, function) of the studies written beside this one."""
 
@@ -118,12 +118,12 @@ def theory_stage(overrides: dict):
 
 
 def width_stage(data: dict, config, device: str, log=print):
-    """The backbone-width sweep over the CNN family, or the reason it can't run (it needs ``analysis.ttt``)."""
+    """The backbone-width sweep over the CNN family, or the reason it can't run (it needs ``analysis.local_ttt``)."""
     try:
-        importlib.import_module("analysis.ttt").LocalTTT  # noqa: B018
+        importlib.import_module("analysis.local_ttt").LocalTTT  # noqa: B018
     except (ImportError, AttributeError) as e:
-        return f"the width sweep needs analysis/ttt.py LocalTTT, which is not in this tree ({e})"
-    from analysis.scaling import width_sweep
+        return f"the width sweep needs analysis/local_ttt.py LocalTTT, which is not in this tree ({e})"
+    from analysis.ttt.scaling import width_sweep
 
     def run(out_dir: Path, done: dict) -> dict:
         images, labels, split = data_images(data)

@@ -6,9 +6,9 @@
   50k/10k/10k split, compared with the paper's Section 4 numbers.
 - ``imagenet-clip``: the paper's Section 3 setting: CLIP ViT-B/16 (QuickGELU) with the authors' preprocessing
   (``embeddings.recipes``), the paper's split, a 4096-latent k = 16 SAE (or the authors' imported one).
-- ``theory``: the simulation of the paper's Section 2 (``analysis.theory``).
+- ``theory``: the simulation of the paper's Section 2 (``analysis.theory.study``).
 
-Every stage is cached in ``RUN_DIR`` by ``analysis.pipeline.StageCache``; the report is rebuilt on every run.
+Every stage is cached in ``RUN_DIR`` by ``analysis.run.cache.StageCache``; the report is rebuilt on every run.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from analysis.image_chain import cnn_stage, codes_stage, imported_sae_stage, sae_stage, store_stage
-from analysis.pipeline import StageCache
-from analysis.scaling import WidthSweepConfig
-from analysis.study_stages import chain_study_stage, theory_stage, width_stage
+from analysis.run.chain import cnn_stage, codes_stage, imported_sae_stage, sae_stage, store_stage
+from analysis.run.cache import StageCache
+from analysis.ttt.scaling import WidthSweepConfig
+from analysis.run.study_stages import chain_study_stage, theory_stage, width_stage
 from artifacts import ArtifactError, lock
 
 PRESETS = ("digits", "mnist", "imagenet-clip", "theory")

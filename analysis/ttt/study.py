@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis import ttt_plots
+from analysis.ttt import plots as ttt_plots
 from analysis.heads import HeadConfig, head_features, load_head, predict_head, save_head, train_head
-from analysis.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
-from analysis.query import check_codes
+from analysis.ttt.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
+from analysis.parents import check_codes
 from analysis.spaces import all_codes, make_space
 from analysis.stats import accuracy, measure, paired_difference
-from analysis.ttt import LocalTTT, TTTConfig, run_local, take_rows, top_distribution
-from analysis.ttt_chunks import evaluate
+from analysis.local_ttt import LocalTTT, TTTConfig, run_local, take_rows, top_distribution
+from analysis.ttt.chunks import evaluate
 from artifacts import ArtifactError
 from artifacts.ranks import Ranks
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from analysis.neighbours import SparseCodes
 from analysis.stats import accuracy, measure, paired_difference
-from analysis.ttt_batched import AdamMoments, adam_step
+from analysis.batched_ttt import AdamMoments, adam_step
 
 MASK_KINDS = ("none", "query", "learned")
 

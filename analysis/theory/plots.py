@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from analysis.theory_model import ConceptModelConfig, global_error_claim  # noqa: E402
+from analysis.theory.model import ConceptModelConfig, global_error_claim  # noqa: E402
 from analysis.figures import save_figure  # noqa: E402
 
 STYLE = {"global": ("global head", "C0", "o"), "ttt": ("local TTT (paper: 50 steps)", "C3", "s"),

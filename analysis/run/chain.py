@@ -1,9 +1,9 @@
 """The stages of an image study as cache entries: backbone → store → SAE → codes → studies.
 
-Each ``*_stage`` function returns an ``analysis.pipeline.Stage``: its settings (everything that decides its
+Each ``*_stage`` function returns an ``analysis.run.cache.Stage``: its settings (everything that decides its
 output, so part of its key), its parents and the function that builds its directory. The presets
-(``analysis.presets``) chain them; the studies of other modules (concepts, TTT, theory) are called through
-``analysis.study_stages``.
+(``analysis.run.presets``) chain them; the studies of other modules (concepts, TTT, theory) are called through
+``analysis.run.study_stages``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.pipeline import Stage, StageResult
-from analysis.stages import encode_store, sae_config_for_store, train_sae_on_store
+from analysis.run.cache import Stage, StageResult
+from analysis.run.store_stages import encode_store, sae_config_for_store, train_sae_on_store
 from artifacts import read_json, sha256_file
 from embeddings.extract import ExtractConfig, ExtractRun, extract
 from embeddings.store import EmbeddingStore

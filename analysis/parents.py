@@ -1,0 +1,60 @@
+"""Whether an SAE and its codes belong to a store: refused by name when they do not, so that no study pairs rows
+with another store's concepts; and the codes of a store encoded in memory when no CodeStore was written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.spaces import codes_from_arrays
+from artifacts import ArtifactError, read_json
+from embeddings.store import EmbeddingStore
+from sae.checkpoint import check_compatible, sae_hash
+from sae.codes import CodeStore
+from sae.model import TopKSAE
+
+
+def codes_in_memory(store: EmbeddingStore, sae: TopKSAE, batch_size: int = 4096) -> CodeStore:
+    """Encode every row of ``store`` into an in-memory CodeStore (no directory): ``--codes`` left out."""
+    check_compatible(sae, store.d, f"store {store.store_dir}")
+    values = np.empty((store.n, sae.config.k), dtype=np.float32)
+    indices = np.empty((store.n, sae.config.k), dtype=np.int32)
+    with torch.no_grad():
+        for start in range(0, store.n, batch_size):
+            v, i = sae.encode(torch.from_numpy(np.array(store.x[start : start + batch_size], np.float32)))
+            values[start : start + len(v)], indices[start : start + len(v)] = v.numpy(), i.numpy()
+    return codes_from_arrays(values, indices, sae.config.n_latents, meta={"store_hash": store.content_hash})
+
+
+def check_parents(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore | None) -> list[str]:
+    """Refuse an SAE or codes that do not belong to ``store``; returns notes on what is merely different."""
+    check_compatible(sae, store.d, f"store {store.store_dir}")
+    notes = []
+    source = getattr(sae, "source_dir", None)
+    if source is not None:
+        config = read_json(Path(source) / "config.json")
+        provenance = config.get("provenance") or {}
+        backbone = provenance.get("backbone")
+        if backbone and store.meta.get("backbone") and backbone != store.meta["backbone"]:
+            raise ArtifactError(f"SAE {source} was trained on {backbone!r} embeddings, but store {store.store_dir} "
+                                f"holds {store.meta['backbone']!r} embeddings; use an SAE trained on this backbone")
+        if config.get("parent_store_hash") not in (None, store.content_hash):
+            notes.append(f"the SAE was trained on another store ({config['parent_store_hash'][:12]}...) of width "
+                         f"{store.d}")
+    if codes is not None:
+        check_codes(store, sae, codes)
+    return notes
+
+
+def check_codes(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore) -> None:
+    """Refuse codes encoded from another store or with another SAE (they would pair rows with other concepts)."""
+    source = getattr(sae, "source_dir", None)
+    if codes.meta.get("store_hash") not in (None, store.content_hash):
+        raise ArtifactError(f"codes {codes.codes_dir} were encoded from another store, not {store.store_dir}; "
+                            f"re-encode: scripts/encode.py --store {store.store_dir} --sae SAE_DIR --out CODES_DIR")
+    if source is not None and codes.meta.get("sae_hash") not in (None, sae_hash(source)):
+        raise ArtifactError(f"codes {codes.codes_dir} were encoded with another SAE, not {source}; re-encode them")
+    if codes.n != store.n:
+        raise ArtifactError(f"codes {codes.codes_dir} have {codes.n} rows, store {store.store_dir} {store.n}")
