@@ -2,3 +2,5 @@
 local_ttt, batched_ttt, parents, stats, figures); the studies are packages on it: concepts/, ttt/, theory/; run/ and
 report/ sit on top. Core entry points: ``spaces.make_space``, ``neighbours.NeighbourIndex``, ``heads.train_head``,
 ``local_ttt.LocalTTT``."""
+
+import artifacts.threads  # noqa: E402,F401  (sleeping OpenMP threads, before torch loads)

@@ -3,6 +3,8 @@ with another store's concepts; and the codes of a store encoded in memory when n
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,25 @@ def check_codes(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore) -> None:
         raise ArtifactError(f"codes {codes.codes_dir} were encoded with another SAE, not {source}; re-encode them")
     if codes.n != store.n:
         raise ArtifactError(f"codes {codes.codes_dir} have {codes.n} rows, store {store.store_dir} {store.n}")
+
+
+def inputs_hash(store: EmbeddingStore, sae: TopKSAE | None, codes: CodeStore | None) -> str:
+    """One SHA-256 of everything a study on ``store`` (and an SAE and its codes) reads: the store's content hash,
+    the SAE's weights hash (from its directory, or of its tensors when it has none) and the codes' parents. A
+    cached head or chunk keyed by it is never reused with other inputs of the same shape."""
+    from sae.checkpoint import sae_hash
+
+    parts = {"store": store.content_hash, "sae": None, "codes": None}
+    if sae is not None:
+        source = getattr(sae, "source_dir", None)
+        if source is not None:
+            parts["sae"] = sae_hash(source)
+        else:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(sae.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            parts["sae"] = digest.hexdigest()
+    if codes is not None:
+        parts["codes"] = {k: codes.meta.get(k) for k in ("sae_hash", "store_hash", "n", "k", "n_latents")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

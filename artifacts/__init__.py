@@ -9,6 +9,8 @@ other settings; ``artifacts.cli`` turns a user's mistake into one ``error:`` lin
 package imports nothing else of the project.
 """
 
+import artifacts.threads  # noqa: F401  (sleeping OpenMP threads, before anything loads torch)
+
 from artifacts.errors import ArtifactError
 from artifacts.io import (
     SCHEMA_VERSION,

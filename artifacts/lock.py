@@ -142,7 +142,12 @@ def _remove_stale(path: Path, holder: dict) -> None:
 def acquire(final_dir: str | os.PathLike) -> Path:
     """Take the lock of ``final_dir`` (again, if this process holds it); raise ``LockHeld`` naming the holder
     when another live run has it. Returns the lock file."""
-    path = lock_path(final_dir).absolute()
+    return acquire_file(lock_path(final_dir), final_dir)
+
+
+def acquire_file(path: str | os.PathLike, what: str | os.PathLike) -> Path:
+    """Take the lock file ``path`` that guards ``what`` (named in the message when another live run holds it)."""
+    path = Path(path).absolute()
     with _guard:
         if path in _held:
             _held[path] += 1
@@ -157,7 +162,7 @@ def acquire(final_dir: str | os.PathLike) -> Path:
                 continue  # released between our two looks
             if not _is_stale(path, holder):
                 raise LockHeld(
-                    f"{Path(final_dir)} is being written by another run ({_describe(holder)}); wait for it to finish "
+                    f"{Path(what)} is being written by another run ({_describe(holder)}); wait for it to finish "
                     f"or choose another --out. If that run is gone (it ran on another machine), delete {path}"
                 )
             _remove_stale(path, holder)
@@ -167,7 +172,12 @@ def acquire(final_dir: str | os.PathLike) -> Path:
 
 def release(final_dir: str | os.PathLike) -> None:
     """Give back one hold of ``final_dir``'s lock; the file goes with the last one. Not held: nothing happens."""
-    path = lock_path(final_dir).absolute()
+    release_file(lock_path(final_dir))
+
+
+def release_file(path: str | os.PathLike) -> None:
+    """Give back one hold of the lock file ``path``."""
+    path = Path(path).absolute()
     with _guard:
         if path not in _held:
             return

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
+import artifacts.threads  # noqa: F401  (sleeping OpenMP threads; set before torch loads)
+import torch  # noqa: E402
 
 from analysis.concepts.query import QueryEngine, embed_image, format_text
 from analysis.spaces import SPACE_NAMES

@@ -16,11 +16,7 @@ import argparse
 import json
 import os
 
-# Threads sleep rather than spin at the end of each parallel region: on shared cores the spinning of GNU OpenMP
-# starves the step's many small parallel operations (BENCHMARKS.md, "Under a co-running job"). It must be set
-# before torch loads; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import artifacts.threads  # noqa: F401  (sleeping OpenMP threads; set before torch loads)
 import torch  # noqa: E402
 
 from analysis.run.store_stages import sae_config_for_store, train_sae_on_store

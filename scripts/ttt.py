@@ -16,18 +16,23 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
+import os
 import textwrap
 import typing
 from pathlib import Path
 
 from analysis.ttt.study import TTTStudyConfig, ttt_study
+from analysis.parents import inputs_hash
+from analysis.run.cache import remove_leftovers
 from artifacts import (
-    SCHEMA_VERSION, ArtifactError, commit_dir, package_version, partial_dir, write_json,
+    SCHEMA_VERSION, ArtifactError, check_replaceable, commit_dir, is_artifact_dir, lock, package_version, partial_dir,
+    read_json, write_json,
 )
 from artifacts.cli import run_main
 from artifacts.ranks import Ranks, resolve_device, resolve_device_type
 from embeddings.store import EmbeddingStore
-from sae.checkpoint import load_sae, sae_hash
+from sae.checkpoint import load_sae
 from sae.codes import CodeStore
 
 
@@ -74,13 +79,32 @@ def _relative(plots: dict, work: Path) -> dict:
     return {k: Path(v).relative_to(work).as_posix() for k, v in plots.items()}
 
 
+def _record(config: TTTStudyConfig, args, inputs: str) -> dict:
+    return {"study": dataclasses.asdict(config), "store": str(args.store), "sae": args.sae, "codes": args.codes,
+            "inputs": inputs}
+
+
+def _finished(out: Path, record: dict, overwrite: bool) -> bool:
+    """Whether ``out`` is this very evaluation, finished (True); refuses anything else unless ``overwrite`` allows
+    replacing it, checked before any work."""
+    if not os.path.lexists(out):
+        return False
+    if is_artifact_dir(out) and (out / "results.json").is_file():
+        try:
+            done = read_json(out / "config.json")
+        except ArtifactError:
+            done = None
+        if isinstance(done, dict) and done.get("study") == json.loads(json.dumps(record["study"])) \
+                and done.get("inputs") == record["inputs"]:
+            return True
+    check_replaceable(out, overwrite)  # a folder of someone else's, or without --overwrite: refused by name
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if (args.sae is None) != (args.codes is None):
         raise ValueError("--sae and --codes go together (the mask and agreement analyses need both)")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
     try:
         resolve_device_type(args.device)
     except RuntimeError as e:  # torch's own message lists every device type it knows
@@ -90,26 +114,44 @@ def main(argv: list[str] | None = None) -> int:
     store = EmbeddingStore.open(args.store)
     sae = load_sae(args.sae, device=config.device) if args.sae else None
     codes = CodeStore.open(args.codes) if args.codes else None
+    out = Path(args.out)
+    record = _record(config, args, inputs_hash(store, sae, codes))
+    if _finished(out, record, args.overwrite) and not args.overwrite:
+        if ranks.is_main:
+            print(f"{out} is this evaluation, already complete (same settings and inputs)")
+            _print_summary(read_json(out / "results.json"), out)
+        ranks.close()
+        return 0
+    if ranks.is_main:
+        lock.acquire(out)  # two runs into one --out would mix their chunks
+    try:
+        _evaluate(store, sae, codes, config, out, record, args.overwrite, ranks)
+    finally:
+        if ranks.is_main:
+            lock.release(out)
+    ranks.close()
+    return 0
+
+
+def _evaluate(store, sae, codes, config: TTTStudyConfig, out: Path, record: dict, overwrite: bool,
+              ranks: Ranks) -> None:
     work = partial_dir(out)
     if ranks.is_main:
         work.mkdir(parents=True, exist_ok=True)   # kept across kills: its chunks/ are the finished queries
+        remove_leftovers(work)
     ranks.barrier()
     log = print if ranks.is_main else None
     report = ttt_study(store, sae, codes, config, work, cache_dir=work / "chunks", ranks=ranks, log=log)
     if ranks.is_main:
         report["plots"] = _relative(report["plots"], work)
         write_json(work / "results.json", report)
-        write_json(work / "config.json", {"study": dataclasses.asdict(config), "store": str(args.store),
-                                          "sae": args.sae, "codes": args.codes})
+        write_json(work / "config.json", record)
         write_json(work / "meta.json", {
             "kind": "ttt", "schema_version": SCHEMA_VERSION, "package_version": package_version(),
-            "parents": {"store": store.content_hash, "sae": sae_hash(args.sae) if args.sae else None,
-                        "codes": codes.meta.get("content_hash") if codes else None},
+            "parents": {"store": store.content_hash, "inputs": record["inputs"]},
             "world_size": ranks.world_size})
-        commit_dir(work, out, overwrite=args.overwrite)
+        commit_dir(work, out, overwrite=overwrite)
         _print_summary(report, out)
-    ranks.close()
-    return 0
 
 
 def _fmt(m: dict) -> str:

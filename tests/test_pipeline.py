@@ -111,3 +111,82 @@ def test_key_depends_on_settings_parents_and_version():
 def test_a_stage_must_run_after_its_parents(tmp_path):
     with pytest.raises(ValueError, match="needs"):
         StageCache(tmp_path).run(Stage("b", {}, lambda o, p: {}, parents=("a",)))
+
+
+def test_a_failing_rebuild_keeps_the_old_result_and_its_record(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    record = (tmp_path / "stages" / "c.json").read_text()
+
+    def boom(out_dir, parents):
+        out_dir.mkdir()
+        (out_dir / "half.json").write_text("{}")
+        raise ValueError("a wrong flag")
+
+    cache = StageCache(tmp_path, log.append)
+    for stage in _chain(calls)[:2]:
+        cache.run(stage)
+    with pytest.raises(ValueError, match="a wrong flag"):
+        cache.run(Stage("c", {"c": 99}, boom, parents=("b",)))
+    assert (tmp_path / "stages" / "c.json").read_text() == record
+    assert json.loads((tmp_path / "c" / "value.json").read_text()) == 3
+    assert not (tmp_path / "c" / "half.json").exists()
+    calls.clear()
+    again = _run(tmp_path, calls, log)
+    assert calls == [] and again.results["c"].reused  # the old settings still find their finished result
+
+
+def test_an_edited_record_or_result_file_is_rebuilt_not_trusted(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    record_path = tmp_path / "stages" / "c.json"
+    record = json.loads(record_path.read_text())
+    record["result"]["total"] = 1000  # a hand-edited number
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "b" / "value.json").write_text("42")
+    calls.clear(), log.clear()
+    cache = _run(tmp_path, calls, log)
+    assert calls == ["b", "c"]
+    assert cache.results["c"].result == {"total": 6}
+    assert any("b: " in line and "value.json changed" in line for line in log)
+    assert any("c: " in line and "was edited" in line for line in log)
+
+
+def test_a_stage_folder_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    from artifacts import ArtifactError
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "a").symlink_to(target)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        _run(run_dir, [], [])
+    assert (target / "precious.txt").read_text() == "keep me"
+
+
+def test_a_replacement_killed_half_way_is_finished_forward(tmp_path):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    cache = StageCache(tmp_path, log.append)
+    stages = _chain(calls, c=10)
+    for stage in stages[:2]:
+        cache.run(stage)
+    original = cache._install
+    cache._install = lambda name: None  # killed after the build and its record, before the renames
+    cache.run(stages[2])
+    assert (tmp_path / ".next" / "c").is_dir() and (tmp_path / "stages" / "c.next.json").is_file()
+    cache._install = original
+    calls.clear()
+    again = _run(tmp_path, calls, log, c=10)
+    assert calls == [] and again.results["c"].result == {"total": 13}
+    assert not (tmp_path / ".next" / "c").exists()
+
+
+def test_temporary_leftovers_in_the_records_are_cleaned(tmp_path):
+    _run(tmp_path, [], [])
+    leftover = tmp_path / "stages" / ".c.json.tmp-12345"
+    leftover.write_text("{")
+    _run(tmp_path, [], [])
+    assert not leftover.exists()

@@ -128,7 +128,7 @@ def test_changed_setting_reruns_exactly_its_dependents_through_the_cli(digits_ru
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     rc, _, err = _cli("--out", str(tmp_path / "x"), "--sae-epochs", "0")
-    assert rc == 2 and err.startswith("error: --sae-epochs must be > 0") and err.count("\n") == 1
+    assert rc == 2 and err.startswith("error: --sae-epochs must be a finite number > 0") and err.count("\n") == 1
     assert not (tmp_path / "x" / "backbone").exists()
 
 
@@ -311,14 +311,112 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
     import os
     import socket
 
-    from artifacts.lock import LockHeld, lock_path
+    from analysis.run.rundir import LOCK_NAME, open_run_dir, close_run_dir
+    from artifacts.lock import LockHeld
 
     out = tmp_path / "run"
+    open_run_dir(out, "digits")
+    close_run_dir(out)
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "start_ticks": None, "since": "now"}
-    lock_path(out).write_text(json.dumps(holder))
+    (out / LOCK_NAME).write_text(json.dumps(holder))
     with pytest.raises(LockHeld, match=f"pid {os.getppid()}"):
         reproduce("digits", out, log=lambda _: None, **TINY)
     assert not (out / "backbone").exists()
+
+
+def test_a_folder_that_is_not_a_run_directory_is_refused_and_left_untouched(tmp_path):
+    # Pointed at a project checkout, an earlier version deleted its sae/ folder (named like a stage).
+    from artifacts import ArtifactError
+
+    out = tmp_path / "checkout"
+    for name in ("sae", "store", "report/assets"):
+        (out / name).mkdir(parents=True)
+        (out / name / "keep.py").write_text("precious")
+    (out / "report.html").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"\(report, report.html, sae, store\) but not a run directory"):
+        reproduce("digits", out, log=lambda _: None, **TINY)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "report", "report.html", "report/assets", "report/assets/keep.py", "sae", "sae/keep.py", "store",
+        "store/keep.py"]
+
+
+def test_a_run_directory_of_an_earlier_version_is_recognised(tmp_path):
+    from artifacts import ArtifactError
+    from analysis.run.rundir import close_run_dir, is_run_dir, open_run_dir
+
+    out = tmp_path / "old"
+    for name in ("stages", "sae", "report"):
+        (out / name).mkdir(parents=True)
+    (out / "stages" / "sae.json").write_text(json.dumps({"stage": "sae", "key": "k" * 64}))
+    (out / "report.json").write_text("{}")
+    close_run_dir(open_run_dir(out, "digits"))
+    assert is_run_dir(out)
+    (tmp_path / "mine" / "stages").mkdir(parents=True)
+    (tmp_path / "mine" / "notes.txt").write_text("a user's folder that happens to have stages/")
+    with pytest.raises(ArtifactError, match="not a run directory"):
+        open_run_dir(tmp_path / "mine", "digits")
+
+
+def test_the_run_directory_lock_lives_inside_it(tmp_path):
+    from analysis.run.rundir import LOCK_NAME, close_run_dir, is_run_dir, open_run_dir
+
+    parent = tmp_path / "readonly"
+    out = open_run_dir(parent / "run", "digits")
+    assert (out / LOCK_NAME).is_file() and is_run_dir(out)
+    close_run_dir(out)
+    parent.chmod(0o555)  # a run directory the user may write in a parent they may not
+    try:
+        out = open_run_dir(parent / "run", "digits")
+        close_run_dir(out)
+    finally:
+        parent.chmod(0o755)
+    assert [p.name for p in parent.iterdir()] == ["run"]
+
+
+def test_a_wrong_setting_fails_before_any_finished_study_is_touched(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    tiny = {**TINY, "widths": ()}
+    reproduce("digits", out, log=lambda _: None, **tiny)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".run.lock"}
+    wrong = [({"n_neighbours": 100000}, "--n-neighbours 100000 must be below"),
+             ({"study": {"seed": None}}, "--study-set seed must be an integer, got None"),
+             ({"study": {"n_querys": 7}}, "--study-set n_querys: no study of this run has such a setting"),
+             ({"study": {"n_queries": "abc"}}, "--study-set n_queries must be an integer"),
+             ({"study": {"spaces": "codes"}}, "--study-set spaces must be a list")]
+    if not torch.cuda.is_available():
+        wrong.append(({"device": "cuda"}, "CUDA is not available"))
+    for settings, message in wrong:
+        given = {**tiny, **settings, "study": {**TINY["study"], **settings.get("study", {})}}
+        with pytest.raises(ValueError, match=message):
+            reproduce("digits", out, log=lambda _: None, **given)
+        after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".run.lock"}
+        assert after.keys() == before.keys() and all(after[p] == before[p] for p in before), settings
+
+
+@pytest.mark.parametrize("preset, settings, flag", [
+    ("digits", {"sae": "x"}, "--sae"), ("digits", {"backbone": "x"}, "--backbone"),
+    ("digits", {"weights": "random"}, "--weights"), ("mnist", {"data": "d", "weights": "x"}, "--weights"),
+    ("imagenet-clip", {"data": "d", "cnn_width": 2}, "--cnn-width"),
+])
+def test_a_flag_the_preset_ignores_is_refused(preset, settings, flag):
+    with pytest.raises(ValueError, match=f"does not use {flag}"):
+        preset_config(preset, **settings)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--sae-epochs", "inf"], "--sae-epochs must be a finite number"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--seed", str(2**40)], "--seed must be in"),
+    (["--study-set", "n_queries=abc"], "--study-set n_queries must be an integer"),
+    (["--study-set", "n_queries=[1,2]"], "--study-set n_queries must be an integer"),
+])
+def test_bad_flags_are_one_line_errors_before_the_run_directory_is_made(tmp_path, argv, message):
+    rc, _, err = _cli("--out", str(tmp_path / "x"), *argv)
+    assert rc == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_theory_preset_refuses_settings_it_would_ignore():

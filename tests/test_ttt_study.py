@@ -150,8 +150,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert two.count("global head") == 1 and "chunk 3/5 done (rank 0)" in two and "chunk 2/5" not in two
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert a == b
-    for chunk in sorted((tmp_path / "one" / "chunks" / "main").glob("chunk_*.npz")):
-        with np.load(chunk) as x, np.load(tmp_path / "two" / "chunks" / "main" / chunk.name) as y:
+    for chunk in sorted((tmp_path / "one" / "chunks").glob("*/main/chunk_*.npz")):
+        with np.load(chunk) as x, np.load(tmp_path / "two" / "chunks" / chunk.parent.parent.name / "main" / chunk.name) as y:
             for key in x.files:
                 assert np.array_equal(x[key], y[key]), key
     assert "chunk 5/5" in one

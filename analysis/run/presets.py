@@ -13,6 +13,7 @@ Every stage is cached in ``RUN_DIR`` by ``analysis.run.cache.StageCache``; the r
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -23,10 +24,15 @@ from pathlib import Path
 from analysis.run.chain import cnn_stage, codes_stage, imported_sae_stage, sae_stage, store_stage
 from analysis.run.cache import StageCache
 from analysis.ttt.scaling import WidthSweepConfig
-from analysis.run.study_stages import chain_study_stage, theory_stage, width_stage
-from artifacts import ArtifactError, lock
+from analysis.run.rundir import close_run_dir, open_run_dir
+from analysis.run.study_stages import check_study_settings, chain_study_stage, theory_stage, width_stage
+from artifacts import ArtifactError
 
 PRESETS = ("digits", "mnist", "imagenet-clip", "theory")
+IMAGENET_ONLY = ("backbone", "weights", "sae")
+CNN_ONLY = ("cnn_width", "cnn_epochs", "widths")
+UNUSED = {"digits": IMAGENET_ONLY + ("data",), "mnist": IMAGENET_ONLY, "imagenet-clip": CNN_ONLY}
+"""Settings each image preset does not read: refused when given."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,10 @@ class ImageStudyConfig:
         for flag, value in (("--sae-n-latents", self.sae_n_latents), ("--sae-k", self.sae_k)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if not self.sae_epochs > 0:
-            raise ValueError(f"--sae-epochs must be > 0, got {self.sae_epochs}")
+        if not (math.isfinite(self.sae_epochs) and self.sae_epochs > 0):
+            raise ValueError(f"--sae-epochs must be a finite number > 0, got {self.sae_epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
         if any(w < 1 for w in self.widths):
             raise ValueError(f"--widths must be positive, got {self.widths}")
 
@@ -87,6 +95,9 @@ def preset_config(preset: str, **settings) -> ImageStudyConfig | dict:
             raise ValueError(f"--preset theory does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
                              "its settings are --quick and --study-set (e.g. seeds=[0,1,2])")
         return given
+    unused = sorted(set(given) & set(UNUSED[preset]))
+    if unused:  # the run would go on without them while the report recorded them as set
+        raise ValueError(f"--preset {preset} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}")
     base = {"digits": {}, "mnist": {"cnn_epochs": 10, "sae_epochs": 50.0, "widths": (1, 2, 4, 8, 16, 32)},
             "imagenet-clip": {"sae_n_latents": 4096, "sae_k": 16, "sae_epochs": 100.0, "widths": ()}}[preset]
     if given.get("quick"):
@@ -137,6 +148,7 @@ def run_image_preset(preset: str, config: ImageStudyConfig, cache: StageCache, d
         cache.run(stage)
     if preset == "imagenet-clip":
         check_clip_sae(cache)
+    check_neighbourhood(cache, config)
     sections: dict[str, dict] = {}
     studies = [("concepts", chain_study_stage("concepts", _study_settings(config), device)),
                ("ttt", chain_study_stage("ttt", _study_settings(config), device))]
@@ -188,8 +200,6 @@ def run_theory_preset(settings: dict, cache: StageCache) -> dict[str, dict]:
     return {"theory": run_section(cache, "theory", theory_stage(overrides))}
 
 
-IMAGENET_ONLY = ("backbone", "weights", "sae")
-CNN_ONLY = ("cnn_width", "cnn_epochs", "widths")
 
 
 def settings_of(config, preset: str) -> dict:
@@ -205,18 +215,47 @@ SMALL_PRESETS = ("digits", "mnist", "theory")
 op; on two shared cores we measured an SAE run 15x slower (90 s against 6 s for 20 epochs on the digits)."""
 
 
+def check_run(preset: str, config, device: str, threads: int | None) -> None:
+    """Every setting checked before the run directory is touched: the device, the thread count and the studies'
+    own settings (``--study-set``)."""
+    from artifacts.ranks import Ranks, resolve_device
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    try:
+        resolve_device(device, Ranks())
+    except RuntimeError as e:  # torch's own message lists every device type it knows
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from e
+    if preset == "theory":
+        check_study_settings(("theory",), config.get("study", {}), {"quick": bool(config.get("quick"))})
+    else:
+        check_study_settings(("concepts", "ttt"), config.study, _study_settings(config) | {"device": device})
+
+
+def check_neighbourhood(cache: StageCache, config: ImageStudyConfig) -> None:
+    """Refuse a neighbourhood size the store cannot give, before the studies (and their old results) are touched."""
+    split = cache.results["store"].result.get("split") or {}
+    n_pool = split.get("train") or cache.results["store"].result.get("n", 0)
+    if config.n_neighbours >= n_pool:
+        raise ValueError(f"--n-neighbours {config.n_neighbours} must be below the {n_pool} rows neighbours are drawn "
+                         f"from (the store's train split in {cache.results['store'].dir})")
+
+
 def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, threads: int | None = None,
               **settings) -> dict:
     """Run (or finish) ``preset`` into ``out_dir`` and write its report; returns ``report.json``'s content.
 
-    ``threads``: torch CPU threads for the run; ``None``: one for the small presets, torch's default otherwise."""
+    ``threads``: torch CPU threads for the run; ``None``: one for the small presets, torch's default otherwise.
+    Every setting is checked before ``out_dir`` is touched (``check_run``); ``out_dir`` must be new, empty or a run
+    directory (``analysis.run.rundir``). When a section fails, an existing report is kept as it is (it describes
+    the stages still on disk, which a failed stage leaves in place)."""
     import torch
 
     from analysis.report.build import write_report
 
     config = preset_config(preset, **settings)
-    # One run at a time in a run directory: another would clear this one's stages when its keys differ.
-    lock.acquire(out_dir)
+    check_run(preset, config, device, threads)
+    out_dir = open_run_dir(out_dir, preset)
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     if threads is not None or preset in SMALL_PRESETS:
@@ -227,10 +266,15 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
             sections = run_theory_preset(config, cache)
         else:
             sections = run_image_preset(preset, config, cache, device)
-        report = write_report(preset, settings_of(config, preset), cache, sections, log=log)
+        failed = sorted(k for k, v in sections.items() if v["status"] == "failed")
+        if failed and (out_dir / "report.json").is_file():
+            log(f"report: kept as it was ({', '.join(failed)} failed; the previous results are still in place)")
+            report = {"sections": sections, "comparisons": [], "kept": True}
+        else:
+            report = write_report(preset, settings_of(config, preset), cache, sections, log=log)
     finally:
         torch.set_num_threads(before)
-        lock.release(out_dir)
+        close_run_dir(out_dir)
     log(f"{preset}: finished in {time.perf_counter() - t0:.1f} s (stages as computed: "
         + ", ".join(f"{n} {r.seconds:.1f} s{' (reused)' if r.reused else ''}" for n, r in cache.results.items()) + ")")
     return report

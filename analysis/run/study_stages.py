@@ -19,6 +19,7 @@ from pathlib import Path
 from analysis.run.chain import data_images, open_chain
 from analysis.run.cache import Stage, resume_dir
 from artifacts import building, write_json
+from artifacts.typed import config_from_dict, field_types
 
 STUDIES = {
     "concepts": ("analysis.concepts.sharing", "concept_study"),
@@ -41,18 +42,40 @@ def study_function(name: str):
     return func
 
 
-def study_config(func, overrides: dict):
-    """The study's own config (the dataclass its ``config`` parameter is annotated with), with ``overrides`` for
-    the fields it has; a plain dict when the study takes none."""
+def config_class(func):
+    """The config dataclass a study's ``config`` parameter is annotated with, or ``None``."""
     try:
         hint = typing.get_type_hints(func).get("config")
-    except Exception:  # an annotation that does not resolve: fall back to a dict
-        hint = None
+    except Exception:  # an annotation that does not resolve: the study takes a plain dict
+        return None
     for cls in (hint, *typing.get_args(hint)):
         if isinstance(cls, type) and is_dataclass(cls):
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in overrides.items() if k in known})
-    return dict(overrides)
+            return cls
+    return None
+
+
+def study_config(func, overrides: dict):
+    """The study's own config with ``overrides`` for the fields it has, each checked against its field's type (a
+    wrong type is refused by name); a plain dict when the study takes none."""
+    cls = config_class(func)
+    if cls is None:
+        return dict(overrides)
+    known = field_types(cls)
+    return config_from_dict(cls, {k: v for k, v in overrides.items() if k in known}, prefix="--study-set ")
+
+
+def check_study_settings(names: tuple[str, ...], overrides: dict, run_settings: dict | None = None) -> None:
+    """Before any stage runs: refuse ``--study-set`` keys that none of the studies ``names`` has, and build each
+    study's config once so that a wrong type or value is refused now, not after the stages before it."""
+    funcs = [f for f in (study_function(n) for n in names) if not isinstance(f, str)]
+    classes = [c for c in (config_class(f) for f in funcs) if c is not None]
+    known = set().union(*(field_types(c) for c in classes)) if classes else set()
+    unknown = sorted(set(overrides) - known)
+    if unknown and classes:
+        raise ValueError(f"--study-set {', '.join(unknown)}: no study of this run has such a setting; the studies' "
+                         f"settings are {', '.join(sorted(known))}")
+    for func in funcs:
+        study_config(func, {**overrides, **(run_settings or {})})
 
 
 def _jsonable_config(config) -> dict:

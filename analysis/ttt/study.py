@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import torch
 from analysis.ttt import plots as ttt_plots
 from analysis.heads import HeadConfig, head_features, load_head, predict_head, save_head, train_head
 from analysis.ttt.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
-from analysis.parents import check_codes
+from analysis.parents import check_codes, inputs_hash
 from analysis.spaces import all_codes, make_space
 from analysis.stats import accuracy, measure, paired_difference
 from analysis.local_ttt import LocalTTT, TTTConfig, run_local, take_rows, top_distribution
@@ -98,6 +101,9 @@ class TTTStudyConfig:
             raise ValueError(f"--sweep-train-fractions must be in (0, 1], got {self.sweep_train_fractions}")
         if any(k < 1 for k in self.sweep_neighbours):
             raise ValueError(f"--sweep-neighbours must all be >= 1, got {self.sweep_neighbours}")
+        if self.head_epochs < 1:
+            raise ValueError(f"--head-epochs must be >= 1 (a head that never trained makes every gain meaningless), "
+                             f"got {self.head_epochs}")
         if not self.mask_lambda >= 0:
             raise ValueError(f"--mask-lambda must be >= 0, got {self.mask_lambda}")
 
@@ -153,11 +159,13 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
     space = make_space(config.space, store, sae, codes)
     x_train, x_test = space.queries(data.train), space.queries(data.test)
     y_train, y_test = data.labels[data.train], data.labels[data.test]
+    check_finite(x_train, data.train, f"the {config.space} of store {store.store_dir}")
+    inputs = inputs_hash(store, sae, codes)
+    cache_dir = None if cache_dir is None else keyed_cache(Path(cache_dir), inputs, config, ranks)
     head = _global_head(x_train, y_train, int(data.labels.max()) + 1, config, cache_dir, ranks)
     ttt = LocalTTT(head, config.ttt(), device=config.device, memory_bytes=config.memory_mb << 20).fit(x_train, y_train)
-    result = evaluate(ttt, x_test, chunk_size=config.chunk_size, chunk_dir=None if cache_dir is None else Path(cache_dir) / "main",
-                      ranks=ranks, log=log, fingerprint={"config": dataclasses.asdict(config),
-                                                         "store": store.meta.get("content_hash")})
+    result = evaluate(ttt, x_test, chunk_size=config.chunk_size, chunk_dir=None if cache_dir is None else cache_dir / "main",
+                      ranks=ranks, log=log, fingerprint={"config": dataclasses.asdict(config), "inputs": inputs})
     if not ranks.is_main:
         return {}
     out_dir = Path(out_dir or ".")
@@ -186,6 +194,33 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
                                                       config.mask_lambda)
     report["plots"] = plots
     return report
+
+
+def keyed_cache(cache_dir: Path, inputs: str, config: TTTStudyConfig, ranks: Ranks) -> Path:
+    """The subfolder of ``cache_dir`` for these inputs and settings (a SHA-256 of both); rank 0 deletes the folders
+    of other inputs, so a resumed run never reuses a head or chunks computed from another store, SAE or codes."""
+    text = json.dumps({"inputs": inputs, "config": dataclasses.asdict(config)}, sort_keys=True, default=str)
+    keyed = cache_dir / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if ranks.is_main:
+        if cache_dir.is_dir():
+            for other in cache_dir.iterdir():
+                if other != keyed and other.is_dir():
+                    shutil.rmtree(other)
+        keyed.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
+    return keyed
+
+
+def check_finite(x, rows: np.ndarray, what: str, chunk: int = 65536) -> None:
+    """Refuse NaN or Inf features ``x`` of ``rows`` (a head trained on them predicts garbage), naming the first bad
+    row; sparse codes are checked by their reader."""
+    if not isinstance(x, np.ndarray):
+        return
+    for start in range(0, len(x), chunk):
+        bad = np.flatnonzero(~np.isfinite(x[start:start + chunk]).all(1))
+        if bad.size:
+            raise ValueError(f"{what} holds NaN or Inf, first in row {int(rows[start + bad[0]])}; re-extract the "
+                             "store or drop those rows")
 
 
 def _global_head(x_train, y_train, n_outputs: int, config: TTTStudyConfig, cache_dir, ranks: Ranks):
