@@ -73,12 +73,22 @@ def neighbourhood_stats(codes: SparseCodes, neighbours: np.ndarray, queries: np.
     return out
 
 
+UNION_CHUNK_ENTRIES = 8_000_000
+"""Code entries (neighbourhoods × neighbours × k) one step of ``union_sizes`` gathers: bounds its memory when the
+neighbourhoods are large (a query tool asked for neighbourhoods near the store's size)."""
+
+
 def union_sizes(codes: SparseCodes, neighbours: np.ndarray) -> np.ndarray:
     """Only the ``union`` of ``neighbourhood_stats``: distinct active concepts per neighbourhood, ``(m,)``."""
-    values, indices = _gather(codes, np.asarray(neighbours, dtype=np.int64))
-    m = values.shape[0]
-    lat = np.sort(np.where(values > 0, indices, -1).reshape(m, -1), axis=1)
-    return ((lat[:, 1:] != lat[:, :-1]) & (lat[:, 1:] >= 0)).sum(1) + (lat[:, 0] >= 0)
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    m, n_nb = neighbours.shape
+    step = max(1, UNION_CHUNK_ENTRIES // max(1, n_nb * codes.values.shape[1]))
+    out = np.empty(m, dtype=np.int64)
+    for start in range(0, m, step):
+        values, indices = _gather(codes, neighbours[start:start + step])
+        lat = np.sort(np.where(values > 0, indices, -1).reshape(len(values), -1), axis=1)
+        out[start:start + step] = ((lat[:, 1:] != lat[:, :-1]) & (lat[:, 1:] >= 0)).sum(1) + (lat[:, 0] >= 0)
+    return out
 
 
 def _mass_counts(grid: np.ndarray) -> dict:
@@ -186,6 +196,21 @@ def neighbourhood_stats_reference(codes: SparseCodes, neighbours: np.ndarray, qu
 
 
 # -- baselines ---------------------------------------------------------------------------------------------
+NEIGHBOUR_LISTS_BYTES = 2 << 30
+"""Most memory the neighbour lists of one study may take (each space and baseline holds ``(m, n_neighbours)`` rows
+and scores): a neighbourhood size near the store's size would otherwise ask for many gigabytes."""
+
+
+def check_lists_fit(n_queries: int, n_neighbours: int, n_lists: int = 1) -> None:
+    """Refuse, naming the flags, neighbour lists of ``n_lists`` × ``(n_queries, n_neighbours)`` (int64 rows and
+    float32 scores) larger than ``NEIGHBOUR_LISTS_BYTES``."""
+    need = n_lists * n_queries * n_neighbours * 12
+    if need > NEIGHBOUR_LISTS_BYTES:
+        raise ValueError(f"--n-neighbours {n_neighbours} for {n_queries} queries needs {need / 2**30:.1f} GiB of "
+                         f"neighbour lists (at most {NEIGHBOUR_LISTS_BYTES / 2**30:.0f} GiB); lower --n-neighbours or "
+                         "--n-queries")
+
+
 def random_neighbourhoods(pool: np.ndarray, queries: np.ndarray, n_neighbours: int, seed: int = 0) -> np.ndarray:
     """``(m, n_neighbours)`` distinct random rows of ``pool`` per query, never the query itself."""
     return _sample(np.asarray(pool, dtype=np.int64), np.asarray(queries, dtype=np.int64), n_neighbours,

@@ -11,7 +11,7 @@ package imports nothing else of the project.
 
 import artifacts.threads  # noqa: F401  (sleeping OpenMP threads, before anything loads torch)
 
-from artifacts.errors import ArtifactError
+from artifacts.errors import ArtifactError, DiskFullError, torch_load_refusal
 from artifacts.io import (
     SCHEMA_VERSION,
     abandon_dir,
@@ -29,19 +29,23 @@ from artifacts.io import (
     write_npy,
 )
 from artifacts.lock import LockHeld, dir_lock, lock_path
+from artifacts.npy import check_npy, create_npy, write_npy_rows
 from artifacts.settings import check_settings, settings_differences
 
 __all__ = [
     "SCHEMA_VERSION",
     "ArtifactError",
+    "DiskFullError",
     "LockHeld",
     "abandon_dir",
     "atomic_file",
     "begin_dir",
     "building",
+    "check_npy",
     "check_replaceable",
     "check_settings",
     "commit_dir",
+    "create_npy",
     "dir_lock",
     "is_artifact_dir",
     "lock_path",
@@ -50,6 +54,8 @@ __all__ = [
     "read_json",
     "settings_differences",
     "sha256_file",
+    "torch_load_refusal",
     "write_json",
     "write_npy",
+    "write_npy_rows",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from artifacts import lock
-from artifacts.errors import ArtifactError
+from artifacts.errors import ArtifactError, disk_full, is_disk_full
 
 SCHEMA_VERSION = 1
 """Version of the on-disk layout of every artifact; bumped when a reader must change."""
@@ -52,7 +52,8 @@ def _fsync_dir(path: Path) -> None:
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     """Write ``path`` atomically: yield a temporary sibling ``.NAME.tmp-PID`` open in ``mode``, then fsync it and
     rename it into place. A crash leaves the previous ``path`` (or none) and at most a temporary leftover, never
-    a half-written ``path``; an exception removes the temporary."""
+    a half-written ``path``; an exception removes the temporary. A full disk is a ``DiskFullError`` naming
+    ``path`` (the errno alone names no file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -60,8 +61,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, e, f"writing {path.name} into {path.parent}") from e
         raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -74,16 +77,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, naming the file in the error when it is missing or corrupt."""
+_JSON_TYPES = {dict: "a JSON object", list: "a JSON list", str: "a JSON string"}
+
+
+def read_json(
+    path: str | os.PathLike, expect: type | None = None, hint: str = "delete the artifact and rebuild it"
+) -> Any:
+    """Read a JSON file, naming the file in the error when it is missing, corrupt (including bytes that are not
+    text, and nesting too deep to parse) or, with ``expect`` (``dict``, ``list`` or ``str``), of another JSON type.
+    ``hint`` is what the error tells the user to do."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); delete the artifact and rebuild it") from e
+        obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); {hint}") from e
+    if expect is not None and not isinstance(obj, expect):
+        raise ArtifactError(
+            f"{path} holds {_json_type(obj)} where {_JSON_TYPES.get(expect, expect.__name__)} belongs; {hint}"
+        )
+    return obj
+
+
+def _json_type(obj: Any) -> str:
+    if obj is None:
+        return "null"
+    kinds = ((bool, "a JSON boolean"), (dict, "a JSON object"), (list, "a JSON list"), (str, "a JSON string"))
+    for kind, name in kinds:
+        if isinstance(obj, kind):
+            return name
+    return "a JSON number"
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:

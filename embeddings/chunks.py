@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.format import open_memmap
 
-from artifacts import ArtifactError, atomic_file, read_json, write_json
+from artifacts import ArtifactError, atomic_file, read_json, write_json, write_npy_rows
 
 CHUNKS_DIRNAME = "chunks"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -161,8 +160,10 @@ def assemble(
 ) -> tuple[np.ndarray, list[str]]:
     """Concatenate the embeddings of every chunk, in chunk order, into one ``.npy`` file.
 
-    The output is written through a memory map, one chunk at a time, so that a store larger than memory can be
-    assembled. Returns the ``ok`` mask and the skip reasons of all ``n_inputs`` rows.
+    The output is written one chunk at a time with ordinary writes, into space reserved for the whole file first
+    (``artifacts.write_npy_rows``), so that a store larger than memory can be assembled and a full disk is a
+    ``DiskFullError`` naming the file, not a crash. Returns the ``ok`` mask and the skip reasons of all
+    ``n_inputs`` rows.
     """
     missing = [c for c in range(plan.n_chunks) if not chunk_path(chunks_dir, c).is_file()]
     if missing:
@@ -175,19 +176,17 @@ def assemble(
         masks.append(ok)
         reasons += why
     ok_all = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
-    n_ok = int(ok_all.sum())
-    out = open_memmap(embeddings_path, mode="w+", dtype=np.dtype(dtype), shape=(n_ok, d))
-    at = 0
-    for c in range(plan.n_chunks):
+    what = f"extraction: assembling the store's embeddings from the {plan.n_chunks} chunks in {chunks_dir}"
+    write_npy_rows(embeddings_path, dtype, (int(ok_all.sum()), d), _chunk_rows(chunks_dir, masks, d, dtype), what)
+    return ok_all, reasons
+
+
+def _chunk_rows(chunks_dir, masks: list[np.ndarray], d: int, dtype: str):
+    """The embeddings of each chunk in turn, checked against its mask, the width and the dtype."""
+    for c, ok in enumerate(masks):
         with np.load(chunk_path(chunks_dir, c), allow_pickle=False) as z:
             x = z["x"]
-        if x.shape[1:] != (d,) or x.dtype != np.dtype(dtype):
-            raise ArtifactError(f"{chunk_path(chunks_dir, c)} holds {x.dtype} {x.shape}, expected {dtype} (*, {d})")
-        out[at : at + x.shape[0]] = x
-        at += x.shape[0]
-    assert at == n_ok
-    out.flush()
-    del out
-    with open(embeddings_path, "rb+") as f:
-        os.fsync(f.fileno())
-    return ok_all, reasons
+        if x.shape != (int(ok.sum()), d) or x.dtype != np.dtype(dtype):
+            raise ArtifactError(f"{chunk_path(chunks_dir, c)} holds {x.dtype} {x.shape}, expected {dtype} "
+                                f"({int(ok.sum())}, {d}); rerun the extraction with --overwrite")
+        yield x

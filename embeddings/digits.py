@@ -19,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from embeddings.sources import ImageSource, stratified_split
+from embeddings.source_base import ImageSource, stratified_split
 
 DIGITS_SIZE = 32
 """Default side length of the upsampled digit images."""

@@ -18,14 +18,16 @@ The split is the paper's (Section 4: 50k train / 10k validation / 10k test for M
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from artifacts import sha256_file
-from embeddings.sources import ImageSource, stratified_split
+from artifacts import ArtifactError, sha256_file
+from embeddings.source_base import ImageSource, max_classes, stratified_split
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 """IDX type byte -> numpy dtype (big-endian)."""
@@ -36,35 +38,70 @@ VAL_FRACTION = 1 / 6
 """Share of the train file held out as validation: 10k of MNIST's 60k, the paper's split."""
 
 
-class IdxError(ValueError):
+class IdxError(ArtifactError, ValueError):
     """An IDX file or folder that can't be read as the data set it should be."""
 
 
+MAX_INFLATION = 1032
+"""Most bytes one compressed byte can inflate to (deflate's limit is about 1032:1): a ``.gz`` whose header promises
+more is refused before anything is read."""
+_BLOCK = 1 << 22
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """The array stored in one IDX file (``.gz`` is decompressed), in native byte order."""
+    """The array stored in one IDX file (``.gz`` is decompressed as a stream), in native byte order.
+
+    The header is read first and decides everything that is allocated: a plain file must be exactly as long as
+    its header says before its data is read; a ``.gz`` is inflated into an array of the header's size, never
+    further (one byte more is an error), and a header promising more than ``MAX_INFLATION`` times the compressed
+    size is refused at once.
+    """
     path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        size = path.stat().st_size
+        if size == 0:
+            raise IdxError(f"{path} is empty (0 bytes); download it again")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            return _read_idx_stream(f, path, size, compressed=path.suffix == ".gz")
+    except (OSError, EOFError, zlib.error) as e:
         raise IdxError(f"cannot read IDX file {path} ({type(e).__name__}: {e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+
+
+def _read_idx_stream(f, path: Path, size: int, compressed: bool) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise IdxError(f"{path} is not an IDX file: it must start with two zero bytes, a type byte and a rank")
-    type_byte, ndim = raw[2], raw[3]
+    type_byte, ndim = head[2], head[3]
     if type_byte not in IDX_TYPES:
         raise IdxError(f"{path}: unknown IDX type byte 0x{type_byte:02x} (known: "
                        + ", ".join(f"0x{t:02x}" for t in IDX_TYPES) + ")")
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise IdxError(f"{path}: header promises {ndim} dimensions but the file has only {len(raw)} bytes")
-    shape = tuple(int(s) for s in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dims = f.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
+        raise IdxError(f"{path}: header promises {ndim} dimensions but the file has only {4 + len(dims)} bytes")
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
     dtype = np.dtype(IDX_TYPES[type_byte])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise IdxError(f"{path} is {what}: its header says shape {shape} of {dtype.name} ({expected} bytes with the "
-                       f"header) but it holds {len(raw)} bytes; download it again")
-    data = np.frombuffer(raw, dtype, offset=header).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+    header = 4 + 4 * ndim
+    n_data = math.prod(shape) * dtype.itemsize  # exact: a product of four 32-bit sizes overflows int64
+    expected = header + n_data
+    described = f"its header says shape {shape} of {dtype.name} ({expected} bytes with the header)"
+    if not compressed and size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise IdxError(f"{path} is {what}: {described} but it holds {size} bytes; download it again")
+    if compressed and expected > MAX_INFLATION * size + 1024:
+        raise IdxError(f"{path} is corrupt: {described}, more than its {size} compressed bytes can inflate to; "
+                       f"download it again")
+    data = np.empty(n_data, dtype=np.uint8)
+    view, at = memoryview(data), 0
+    while at < n_data:
+        n_read = f.readinto(view[at : at + _BLOCK])
+        if not n_read:
+            raise IdxError(f"{path} is truncated: {described} but it inflates to {header + at} bytes; download it "
+                           f"again")
+        at += n_read
+    if f.read(1):
+        raise IdxError(f"{path} is longer than its header says: {described}; download it again")
+    return data.view(dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _candidates(prefix: str, what: str, ndim: int) -> list[str]:
@@ -121,6 +158,9 @@ def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray
         raise IdxError(f"{labels_path}: expected a vector of labels, got shape {labels.shape}")
     if len(images) != len(labels):
         raise IdxError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if len(images) == 0:
+        raise IdxError(f"{images_path} and {labels_path} hold no images: a data set needs rows in both the train "
+                       f"and the t10k file; download them again")
     if len(labels) and labels.min() < 0:
         raise IdxError(f"{labels_path}: labels must be >= 0, found {labels.min()}")
     return images, labels.astype(np.int64)
@@ -142,14 +182,19 @@ class IdxSource(ImageSource):
     kind = "idx"
 
     def __init__(self, data_dir: str | os.PathLike, seed: int = 0, val_fraction: float | None = None):
-        self.files = find_idx_files(data_dir)
+        self.files_by_part = files = find_idx_files(data_dir)
         self.root = Path(data_dir)
-        train_x, train_y = _images_and_labels(self.files["train_images"], self.files["train_labels"])
-        test_x, test_y = _images_and_labels(self.files["test_images"], self.files["test_labels"])
+        train_x, train_y = _images_and_labels(files["train_images"], files["train_labels"])
+        test_x, test_y = _images_and_labels(files["test_images"], files["test_labels"])
         if train_x.shape[1:] != test_x.shape[1:]:
             raise IdxError(f"train images are {train_x.shape[1:]} but test images are {test_x.shape[1:]}")
         self.images = np.concatenate([train_x, test_x])
         self.labels = np.concatenate([train_y, test_y])
+        for path, labels in ((files["train_labels"], train_y), (files["test_labels"], test_y)):
+            if labels.max() >= max_classes(len(self.labels)):
+                raise IdxError(f"{path}: label {labels.max()} would imply {labels.max() + 1} classes for "
+                               f"{len(self.labels)} images; IDX labels are class numbers below "
+                               f"{max_classes(len(self.labels))}: the file is corrupt, download it again")
         self.seed = seed
         self.val_fraction = VAL_FRACTION if val_fraction is None else float(val_fraction)
         self.ids = [f"train/{i}" for i in range(len(train_y))] + [f"t10k/{i}" for i in range(len(test_y))]
@@ -160,10 +205,13 @@ class IdxSource(ImageSource):
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i]).convert("RGB")
 
+    def files(self) -> list[tuple[str, Path]]:
+        return [(part, path) for part, path in self.files_by_part.items()]
+
     def describe(self) -> dict:
         return {
             "kind": self.kind, "root": str(self.root.resolve()), "n": len(self), "n_classes": len(self.classes),
-            "files": {part: str(p.resolve()) for part, p in self.files.items()},
+            "files": {part: str(p.resolve()) for part, p in self.files_by_part.items()},
             "image_shape": list(self.images.shape[1:]), "seed": self.seed, "val_fraction": self.val_fraction,
             **{f"n_{name}": int(len(rows)) for name, rows in self.split.items()},
         }

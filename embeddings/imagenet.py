@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embeddings.sources import ImageSource, open_source
+from embeddings.folders import image_folder_source
+from embeddings.source_base import ImageSource
 
 N_TEST_PER_CLASS = 50
 """Train images per class held out as the test set (the paper's 50, 50,000 on ImageNet-1k)."""
@@ -60,8 +61,8 @@ class ImageNetSource(ImageSource):
                 raise FileNotFoundError(
                     f"{self.root} has no {part}/ folder: the imagenet layout is ROOT/train/<class>/ and ROOT/val/<class>/"
                 )
-        self.train = open_source(self.root / "train", kind="imagefolder", max_pixels=max_pixels)
-        self.val = open_source(self.root / "val", kind="imagefolder", max_pixels=max_pixels)
+        self.train = image_folder_source(self.root / "train", 0, 0.0, 0.0, max_pixels)
+        self.val = image_folder_source(self.root / "val", 0, 0.0, 0.0, max_pixels)
         self.classes = list(self.train.classes)
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = sorted(set(self.val.classes) - set(index))
@@ -79,6 +80,9 @@ class ImageNetSource(ImageSource):
     def load(self, i: int) -> Image.Image:
         n_train = len(self.train)
         return self.train.load(i) if i < n_train else self.val.load(i - n_train)
+
+    def files(self) -> list[tuple[str, Path]]:
+        return [(f"train/{i}", p) for i, p in self.train.files()] + [(f"val/{i}", p) for i, p in self.val.files()]
 
     def describe(self) -> dict:
         return {

@@ -14,15 +14,16 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
                        preprocessing, output kind, normalisation, dtype, n, d, content hash (and the SHA-256
                        of each data file), timings
 
-Opening checks what is cheap (file sizes against the ``.npy`` headers; ``n``, ``d``, dtype of ``meta.json``
-against the arrays); ``EmbeddingStore.verify`` rehashes every file against ``meta.json``.
+Opening checks what is cheap (``embeddings.store_files``: file sizes against the ``.npy`` headers, the type of
+every JSON file, labels against the classes, split rows against ``n``; ``n``, ``d``, dtype of ``meta.json`` against
+the arrays); ``EmbeddingStore.verify`` rehashes every file against ``meta.json`` and scans the embeddings for NaN
+and Inf.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,19 @@ from artifacts import (
     write_json,
     write_npy,
 )
+from embeddings.store_files import (
+    SPLIT_NAMES,
+    read_embeddings,
+    read_labels,
+    read_meta,
+    read_split,
+    read_strings,
+    rebuild_hint,
+)
 
 STORE_FILES = ("embeddings.npy", "labels.npy", "ids.json", "classes.json", "split.npz", "skipped.json")
-SPLIT_NAMES = ("train", "val", "test")
+FINITE_BLOCK_ROWS = 1 << 16
+"""Rows scanned at a time for NaN and Inf (bounded memory on stores larger than memory)."""
 
 
 def file_hashes(store_dir: str | os.PathLike) -> dict[str, str]:
@@ -57,39 +68,6 @@ def content_hash(store_dir: str | os.PathLike, hashes: dict[str, str] | None = N
         h.update(name.encode())
         h.update(hashes[name].encode())
     return h.hexdigest()
-
-
-def _rebuild_hint(store_dir: Path) -> str:
-    return (
-        f"rebuild the store: rerun `python scripts/extract.py` with the settings in {store_dir / 'config.json'} "
-        f"and `--out {store_dir} --overwrite`"
-    )
-
-
-def check_npy(path: Path, store_dir: Path) -> None:
-    """Refuse an ``.npy`` file whose header is unreadable or whose size is not what its header describes (a
-    truncated copy, an interrupted transfer), naming the file instead of numpy's ``mmap length`` error."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            offset = f.tell()
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
-        raise ArtifactError(
-            f"{path} is truncated or corrupt (unreadable header: {e}); {_rebuild_hint(store_dir)}"
-        ) from e
-    if dtype.hasobject:
-        raise ArtifactError(f"{path} holds Python objects, which a store never does; {_rebuild_hint(store_dir)}")
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = path.stat().st_size
-    if size != expected:
-        state = "truncated" if size < expected else "corrupt"
-        raise ArtifactError(
-            f"{path} is {state}: {size} bytes where its header ({dtype} {tuple(shape)}) needs {expected}; "
-            f"{_rebuild_hint(store_dir)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -145,14 +123,33 @@ class EmbeddingStore:
                     raise ArtifactError(
                         f"{self.store_dir / name} does not match the SHA-256 recorded in "
                         f"{self.store_dir / 'meta.json'}: it changed or was damaged after extraction; "
-                        f"{_rebuild_hint(self.store_dir)}"
+                        f"{rebuild_hint(self.store_dir)}"
                     )
         actual = content_hash(self.store_dir, hashes)
         if self.meta.get("content_hash") != actual:
             raise ArtifactError(
                 f"{self.store_dir / 'meta.json'} records content_hash {str(self.meta.get('content_hash'))[:16]}... but "
                 f"the store's files hash to {actual[:16]}...: meta.json or the data was edited or damaged; "
-                f"{_rebuild_hint(self.store_dir)}"
+                f"{rebuild_hint(self.store_dir)}"
+            )
+        self.check_finite()
+
+    def check_finite(self, rows=None) -> None:
+        """Refuse, naming the store and the rows, embeddings that hold NaN or Inf (all rows, or ``rows``); reads
+        them in blocks of ``FINITE_BLOCK_ROWS``."""
+        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        bad: list[int] = []
+        n_bad = 0
+        for start in range(0, rows.size, FINITE_BLOCK_ROWS):
+            block = rows[start : start + FINITE_BLOCK_ROWS]
+            ok = np.isfinite(np.asarray(self.x[block])).all(axis=1)
+            n_bad += int((~ok).sum())
+            bad += block[~ok][: 10 - len(bad)].tolist()
+        if n_bad:
+            more = f" and {n_bad - len(bad)} more" if n_bad > len(bad) else ""
+            raise ArtifactError(
+                f"{self.store_dir / 'embeddings.npy'} holds NaN or Inf in rows {bad}{more}: no embedding a backbone "
+                f"gave is stored so, the file was damaged or edited; {rebuild_hint(self.store_dir)}"
             )
 
     @classmethod
@@ -165,43 +162,36 @@ class EmbeddingStore:
             raise ArtifactError(
                 f"no embedding store at {store_dir}; create one with `python scripts/extract.py --out {store_dir}`"
             )
-        meta = read_json(store_dir / "meta.json")
+        meta = read_meta(store_dir)
         if meta.get("schema_version", 0) > SCHEMA_VERSION:
             raise ArtifactError(
-                f"store {store_dir} has schema {meta.get('schema_version')}, newer than this toolkit's "
-                f"{SCHEMA_VERSION}; upgrade the package"
+                f"store {store_dir} has schema {meta.get('schema_version')} ({store_dir / 'meta.json'}), newer than "
+                f"this toolkit's {SCHEMA_VERSION}; upgrade the package"
             )
         for name in STORE_FILES:
             if not (store_dir / name).is_file():
                 raise ArtifactError(f"store {store_dir} is incomplete: {name} is missing; extract it again")
-        for name in ("embeddings.npy", "labels.npy"):
-            check_npy(store_dir / name, store_dir)
-        x = np.load(store_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
-        labels = np.load(store_dir / "labels.npy", allow_pickle=False)
-        ids = read_json(store_dir / "ids.json")
-        if x.ndim != 2 or labels.shape != (x.shape[0],) or len(ids) != x.shape[0]:
+        x = read_embeddings(store_dir)
+        n = int(x.shape[0])
+        ids = read_strings(store_dir, "ids.json", allow_int=True)
+        if len(ids) != n:
             raise ArtifactError(
-                f"store {store_dir} is inconsistent: embeddings {x.shape}, labels {labels.shape}, "
-                f"{len(ids)} ids; {_rebuild_hint(store_dir)}"
+                f"{store_dir / 'ids.json'} holds {len(ids)} ids for the {n} rows of {store_dir / 'embeddings.npy'}; "
+                f"{rebuild_hint(store_dir)}"
             )
         _check_meta(meta, x, store_dir)
-        try:
-            with np.load(store_dir / "split.npz", allow_pickle=False) as z:
-                split = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ArtifactError(
-                f"{store_dir / 'split.npz'} is truncated or corrupt ({e}); {_rebuild_hint(store_dir)}"
-            ) from e
+        classes = read_strings(store_dir, "classes.json")
+        hint = rebuild_hint(store_dir)
         store = cls(
             store_dir=store_dir,
             x=x,
-            labels=labels,
+            labels=read_labels(store_dir, n, len(classes)),
             ids=ids,
-            classes=read_json(store_dir / "classes.json"),
-            split=split,
-            skipped=read_json(store_dir / "skipped.json"),
+            classes=classes,
+            split=read_split(store_dir, n),
+            skipped=read_json(store_dir / "skipped.json", expect=list, hint=hint),
             meta=meta,
-            config=read_json(store_dir / "config.json"),
+            config=read_json(store_dir / "config.json", expect=dict, hint=hint),
         )
         if verify:
             store.verify()
@@ -215,11 +205,11 @@ def _check_meta(meta: dict, x: np.ndarray, store_dir: Path) -> None:
     if recorded != actual:
         diffs = ", ".join(f"{k}={recorded[k]}" for k in actual if recorded[k] != actual[k])
         raise ArtifactError(
-            f"{store_dir / 'meta.json'} says {diffs} but embeddings.npy holds {actual['dtype']} "
-            f"({actual['n']}, {actual['d']}): meta.json or the data was edited; {_rebuild_hint(store_dir)}"
+            f"{store_dir / 'meta.json'} says {diffs} but {store_dir / 'embeddings.npy'} holds {actual['dtype']} "
+            f"({actual['n']}, {actual['d']}): meta.json or the data was edited; {rebuild_hint(store_dir)}"
         )
     if not isinstance(meta.get("content_hash"), str):
-        raise ArtifactError(f"{store_dir / 'meta.json'} has no content_hash; {_rebuild_hint(store_dir)}")
+        raise ArtifactError(f"{store_dir / 'meta.json'} has no content_hash; {rebuild_hint(store_dir)}")
 
 
 def finish_store(
@@ -234,13 +224,18 @@ def finish_store(
     meta: dict,
 ) -> dict:
     """Write every file but ``embeddings.npy`` (already in ``work_dir``) and a ``meta.json`` whose
-    ``n``, ``d``, ``dtype``, ``content_hash`` and versions are filled in from the data. Returns the meta."""
+    ``n``, ``d``, ``dtype``, ``content_hash`` and versions are filled in from the data. Returns the meta.
+    Refuses what ``EmbeddingStore.open`` would refuse: labels outside ``-1 .. len(classes) - 1``, split rows
+    outside the store."""
     work_dir = Path(work_dir)
     x = np.load(work_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
     n = x.shape[0]
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (n,) or len(ids) != n:
         raise ValueError(f"store needs one label and one id per row: {n} rows, {labels.shape} labels, {len(ids)} ids")
+    if labels.size and (labels.min() < -1 or labels.max() >= len(classes)):
+        raise ValueError(f"labels must be -1 (unknown) or a class number 0..{len(classes) - 1} of the {len(classes)} "
+                         f"classes; got {labels.min()}..{labels.max()}")
     unknown = set(split) - set(SPLIT_NAMES)
     if unknown:
         raise ValueError(f"unknown split names {sorted(unknown)}; use {SPLIT_NAMES}")
@@ -249,8 +244,8 @@ def finish_store(
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise ValueError(f"split {name!r} has row indices outside [0, {n})")
     write_npy(work_dir / "labels.npy", labels)
-    write_json(work_dir / "ids.json", list(ids))
-    write_json(work_dir / "classes.json", list(classes))
+    write_json(work_dir / "ids.json", [str(i) for i in ids])
+    write_json(work_dir / "classes.json", [str(c) for c in classes])
     with atomic_file(work_dir / "split.npz") as f:
         np.savez(f, **split)
     write_json(work_dir / "skipped.json", list(skipped))
@@ -285,7 +280,8 @@ def write_store(
 ) -> EmbeddingStore:
     """Write an in-memory ``(n, d)`` array as a complete store, atomically, and open it.
 
-    For arrays that already exist (tests, small data sets, imports); extraction streams rows instead.
+    For arrays that already exist (tests, small data sets, imports); extraction streams rows instead. Labels
+    without ``classes`` get the class names ``"0" .. str(max label)``.
     """
     x = np.asarray(x)
     if x.ndim != 2 or x.dtype not in (np.float32, np.float16):
@@ -294,6 +290,8 @@ def write_store(
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise ValueError(f"embeddings hold NaN or Inf in rows {bad[:10].tolist()}")
     n = x.shape[0]
+    if classes is None and labels is not None and np.size(labels):
+        classes = [str(i) for i in range(max(int(np.max(labels)) + 1, 0))]
     with building(store_dir, overwrite) as work:
         write_npy(work / "embeddings.npy", x)
         finish_store(

@@ -32,6 +32,7 @@ from artifacts import (
     package_version,
     read_json,
     sha256_file,
+    torch_load_refusal,
     write_json,
     write_npy,
 )
@@ -74,7 +75,9 @@ def save_sae(
                 raise ValueError(f"latent_frequency must have shape ({cfg.n_latents},), got {freq.shape}")
             write_npy(work / FREQUENCY_FILE, freq)
             frequency_record = {
-                "file": FREQUENCY_FILE, "n_rows": int(latent_frequency["n_rows"]), "rows": latent_frequency.get("rows"),
+                "file": FREQUENCY_FILE, "rows": latent_frequency.get("rows"),
+                # None when the source does not say (SAELens's sparsity.safetensors).
+                "n_rows": None if latent_frequency.get("n_rows") is None else int(latent_frequency["n_rows"]),
             }
         write_json(
             work / "config.json",
@@ -113,7 +116,7 @@ def read_sae_config(sae_dir: str | os.PathLike) -> SAEConfig:
     sae_dir = Path(sae_dir)
     if not sae_dir.is_dir():
         raise ArtifactError(f"SAE directory {sae_dir} does not exist; train one with scripts/train_sae.py")
-    config = read_json(sae_dir / "config.json")
+    config = read_json(sae_dir / "config.json", expect=dict)
     try:
         return SAEConfig.from_dict(config["sae"])
     except (KeyError, TypeError, ValueError) as e:
@@ -134,7 +137,7 @@ def read_provenance(sae_dir: str | os.PathLike) -> dict | None:
 def sae_hash(sae_dir: str | os.PathLike) -> str:
     """The SHA-256 of a checkpoint's weights, from its ``meta.json`` (identifies it for child artifacts)."""
     sae_dir = Path(sae_dir)
-    meta = read_json(sae_dir / "meta.json")
+    meta = read_json(sae_dir / "meta.json", expect=dict)
     if "weights_sha256" not in meta:
         raise ArtifactError(f"{sae_dir / 'meta.json'} has no weights_sha256; re-save the SAE")
     return meta["weights_sha256"]
@@ -148,17 +151,43 @@ def load_sae(sae_dir: str | os.PathLike, device: str | torch.device = "cpu", ver
     if not weights_path.is_file():
         raise ArtifactError(f"{weights_path} is missing; the SAE directory is incomplete, retrain or re-import it")
     if verify_hash and (sae_dir / "meta.json").is_file():
-        expected = read_json(sae_dir / "meta.json").get("weights_sha256")
+        expected = read_json(sae_dir / "meta.json", expect=dict).get("weights_sha256")
         if expected is not None and sha256_file(weights_path) != expected:
-            raise ArtifactError(f"{weights_path} does not match the SHA-256 in meta.json: the file is corrupt")
+            raise ArtifactError(f"{weights_path} does not match the SHA-256 in {sae_dir / 'meta.json'}: the file is "
+                                f"corrupt or the record was edited; retrain the SAE or import it again")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{weights_path} is not a readable safetensors file ({e}): it is corrupt") from e
+    _check_weights(config, tensors, weights_path)
     model = TopKSAE(config)
     _load_strict(model, tensors, str(weights_path))
     model.source_dir = sae_dir
     return model.to(device).eval()
+
+
+def _check_weights(config: SAEConfig, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """Before the model is built: the file's tensors are the four of ``config``'s shapes (a crafted config cannot
+    make the model allocate more than the file holds), and finite (an SAE that diverged is refused on load)."""
+    d, n = config.d_in, config.n_latents
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (d, n, config.k)):
+        raise ArtifactError(f"{weights_path.parent / 'config.json'}: d_in, n_latents and k must be integers")
+    expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)} but config.json "
+                                f"implies {shape}")
+    for name in PARAM_NAMES:
+        n_bad = int((~torch.isfinite(tensors[name])).sum())
+        if n_bad:
+            raise ArtifactError(
+                f"{weights_path}: {name} holds {n_bad} NaN or Inf values: the SAE diverged in training or the file "
+                f"was damaged; retrain it (scripts/train_sae.py --store STORE_DIR --out {weights_path.parent} "
+                f"--overwrite, with a lower --lr if it diverged)"
+            )
 
 
 def _load_strict(model: TopKSAE, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -262,7 +291,7 @@ def _read_torch_checkpoint(path: Path) -> tuple[dict, dict]:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, ValueError) as e:
         raise ArtifactError(
             f"{path} cannot be read with torch.load(weights_only=True): it holds objects other than tensors and "
-            f"plain Python types, or it is corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+            f"plain Python types, or it is corrupt ({torch_load_refusal(e)}). "
             "Refusing to unpickle arbitrary objects; re-save it as a dict of plain types and tensors."
         ) from e
     if not isinstance(blob, dict) or "model_state_dict" not in blob or "config" not in blob:

@@ -19,13 +19,17 @@ from artifacts.cli import run_main
 from sae.checkpoint import import_paper_checkpoint
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the authors' .pt file, a hub snapshot directory, a hub id "
+                   "(patrikwolf/clip-topk-sae) or a hub cache folder (models--OWNER--NAME)")
+    p.add_argument("--out", required=True, help="SAE directory to write (SAE_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE_DIR, an artifact of this toolkit (default: off)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="the authors' .pt file, a hub snapshot directory, a hub id "
-                        "(patrikwolf/clip-topk-sae) or a hub cache folder (models--OWNER--NAME)")
-    parser.add_argument("--out", required=True, help="SAE directory to write (SAE_DIR)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing SAE_DIR (an artifact)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     sae_dir = import_paper_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"imported the authors' SAE into {sae_dir}")
     return 0

@@ -17,33 +17,54 @@ import json
 import sys
 import warnings
 
-from analysis.run.presets import PRESETS, reproduce
+from analysis.run.presets import PRESETS, UNUSED, reproduce
+from analysis.report.summary import summary_lines
 from artifacts.cli import run_main
+from artifacts.flags import add_config_file_flag, add_config_flags, parse_args
+
+
+def _preset_defaults() -> dict[str, str]:
+    """Each setting's default in words, per preset (``None`` in the config means "the preset decides")."""
+    from analysis.run.presets import ImageStudyConfig, preset_config
+
+    configs = {p: preset_config(p, **({} if p == "digits" else {"data": "DIR"})) for p in PRESETS if p != "theory"}
+    text = {}
+    for name in ImageStudyConfig.__dataclass_fields__:
+        values = [f"{p} {_word(getattr(c, name))}" for p, c in configs.items() if name not in UNUSED.get(p, ())]
+        text[name] = ", ".join(values) if values else "none"
+    text["data"] = "none; mnist and imagenet-clip need it"
+    text["sae"] = "none: imagenet-clip trains its own"
+    return text
+
+
+def _word(value) -> str:
+    if value is None:
+        return "from the data"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def parser() -> argparse.ArgumentParser:
+    from analysis.run.presets import ImageStudyConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="digits", choices=PRESETS, help="which study to run (default digits)")
-    p.add_argument("--out", default=None, help="run directory (default runs/PRESET)")
-    p.add_argument("--data", default=None, help="data folder: IDX files (mnist) or train/ and val/ (imagenet-clip)")
-    p.add_argument("--device", default="cpu", help="torch device for every stage (cpu, cuda)")
+    p.add_argument("--preset", default="digits", choices=PRESETS, help="which study to run (default: digits)")
+    p.add_argument("--out", default=None, help="run directory: new, empty, or a run directory (default: runs/PRESET)")
+    p.add_argument("--device", default="cpu", help="torch device for every stage: cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for digits, mnist and theory, whose tensors are small)")
-    p.add_argument("--quick", action="store_true", default=None, help="a smaller run that exercises every stage")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cnn-width", type=int, default=None, help="channels of the CNN backbone (default 8)")
-    p.add_argument("--cnn-epochs", type=int, default=None)
-    p.add_argument("--sae-n-latents", type=int, default=None)
-    p.add_argument("--sae-k", type=int, default=None)
-    p.add_argument("--sae-epochs", type=float, default=None)
-    p.add_argument("--n-neighbours", type=int, default=None, help="neighbourhood size of the studies (default 50)")
-    p.add_argument("--widths", default=None, help="comma-separated CNN widths of the scaling sweep ('' for none)")
-    p.add_argument("--backbone", default=None, help="imagenet-clip: recipe (default paper-clip-vit-b16)")
-    p.add_argument("--weights", default=None, help="imagenet-clip: hub (default) or a local weights file")
-    p.add_argument("--sae", default=None, help="imagenet-clip: an existing SAE directory to use instead of training")
+                   help="torch CPU threads (default: 1 for digits, mnist and theory, whose tensors are small; "
+                        "torch's own otherwise)")
+    add_config_flags(p, ImageStudyConfig, defaults={f: None for f in ImageStudyConfig.__dataclass_fields__},
+                     default_text=_preset_defaults())
     p.add_argument("--study-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the concept/TTT (or theory) study's config, e.g. umap=false n_queries=500; "
-                        "repeatable; the value is read as JSON when it parses, else as text")
+                        "repeatable; the value is read as JSON when it parses, else as text; checked against the "
+                        "studies' settings before the run (default: none)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or progress lines on stderr (default: bars in a terminal, else a line "
+                        "every few seconds)")
+    add_config_file_flag(p)
     return p
 
 
@@ -62,27 +83,20 @@ def study_settings(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     settings = {k: getattr(args, k) for k in ("data", "quick", "seed", "cnn_width", "cnn_epochs", "sae_n_latents",
-                                              "sae_k", "sae_epochs", "n_neighbours", "backbone", "weights", "sae")}
+                                              "sae_k", "sae_epochs", "n_neighbours", "widths", "backbone", "weights",
+                                              "sae")}
     if args.study_set:
         settings["study"] = study_settings(args.study_set)
-    if args.widths is not None:
-        try:
-            settings["widths"] = tuple(int(w) for w in args.widths.split(",") if w.strip())
-        except ValueError:
-            raise ValueError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
     out = args.out or f"runs/{args.preset}"
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        report = reproduce(args.preset, out, device=args.device, threads=args.threads, **settings)
+        report = reproduce(args.preset, out, device=args.device, threads=args.threads,
+                           show_progress=not args.no_progress, **settings)
     failed = {k: v for k, v in report["sections"].items() if v["status"] == "failed"}
-    for row in report["comparisons"]:
-        name = row["metric"] if row["metric"] != "theory.claims" else row["claim"][:60]
-        ours = row["ours"]
-        number = "—" if ours["value"] is None else f"{ours['value']:.4g} ± {ours['se'] or 0:.2g}"
-        print(f"  {name:<60} {number}  {row['verdict']}")
-    print(f"report: {out}/report.html")
+    for line in summary_lines(report, f"{out}/report.html"):
+        print(line)
     if failed:
         for name, s in failed.items():
             print(f"reproduce.py: error: section {name} failed: {s['reason']}", file=sys.stderr)

@@ -11,24 +11,27 @@ import argparse
 
 from artifacts import check_replaceable, dir_lock
 from artifacts.cli import run_main
+from artifacts.flags import SETTINGS_FILE, add_config_file_flag, add_config_flags, parse_args, write_settings
 from embeddings.cnn import CNNConfig, CNNTrainConfig, save_cnn, train_cnn
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults_model, defaults_train = CNNConfig(), CNNTrainConfig()
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to write (model.safetensors, config.json, meta.json)")
-    p.add_argument("--width", type=int, default=defaults_model.width,
-                   help=f"channels of both convolutions; embedding width is 25 * width (default {defaults_model.width})")
-    p.add_argument("--epochs", type=int, default=defaults_train.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
-    p.add_argument("--lr", type=float, default=defaults_train.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults_train.weight_decay)
-    p.add_argument("--seed", type=int, default=0, help="initialisation, batch order and the digits split")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while training (0: torch's default)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    args = p.parse_args(argv)
+    add_config_flags(p, CNNConfig, exclude=("n_classes", "image_size", "mean", "std"))
+    add_config_flags(p, CNNTrainConfig)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the batch order and the digits split (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while training; 0: torch's default "
+                                                            "(default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out artifact (default: off)")
+    add_config_file_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(parser(), argv)
     config = CNNConfig(width=args.width)
     train = CNNTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay)
     # --out is locked and checked before training, so that a refusal comes at once, not after the epochs.
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         check_replaceable(args.out, args.overwrite)
         model, metrics = train_cnn(config, train, seed=args.seed, device=args.device, n_threads=args.threads or None)
         out = save_cnn(model, args.out, train=train, seed=args.seed, metrics=metrics, overwrite=args.overwrite)
+        write_settings(out / SETTINGS_FILE, args)  # --config of it trains this CNN again
     print(
         f"digits CNN width {config.width} ({config.n_features} features, {metrics['n_parameters']} parameters): "
         f"train {metrics['train_accuracy']:.4f}, val {metrics['val_accuracy']:.4f}, "

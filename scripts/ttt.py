@@ -13,13 +13,9 @@ command, continues with the queries not yet done.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import os
-import textwrap
-import typing
 from pathlib import Path
 
 from analysis.ttt.study import TTTStudyConfig, ttt_study
@@ -30,48 +26,27 @@ from artifacts import (
     read_json, write_json,
 )
 from artifacts.cli import run_main
+from artifacts.flags import SETTINGS_FILE, add_config_file_flag, add_config_flags, parse_args, write_settings
 from artifacts.ranks import Ranks, resolve_device, resolve_device_type
 from embeddings.store import EmbeddingStore
 from sae.checkpoint import load_sae
 from sae.codes import CodeStore
 
 
-def _flag_type(field: dataclasses.Field):
-    hint = typing.get_type_hints(TTTStudyConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return {"type": args[0], "nargs": "+"}
-    return {"type": args[0] if args else hint}
-
-
-def _field_docs(cls) -> dict[str, str]:
-    """The one-line docstring under each field of a config dataclass, read from its source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for field, doc in zip(body, body[1:]):
-        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
-            docs[field.target.id] = " ".join(str(doc.value.value).split())
-    return docs
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, help="embedding store directory (STORE_DIR)")
-    parser.add_argument("--out", required=True, help="results directory (RESULTS_DIR)")
-    parser.add_argument("--sae", help="SAE directory: adds the mask and agreement analyses (needs --codes)")
-    parser.add_argument("--codes", help="codes of the store made with --sae (scripts/encode.py)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a complete RESULTS_DIR")
-    docs = _field_docs(TTTStudyConfig)
-    for f in dataclasses.fields(TTTStudyConfig):
-        text = docs.get(f.name, "").replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
-                            help=f"{text} (default {f.default})", **_flag_type(f))
-    return parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="embedding store directory (STORE_DIR)")
+    p.add_argument("--out", required=True, help="results directory (RESULTS_DIR)")
+    p.add_argument("--sae", help="SAE directory: adds the mask and agreement analyses (needs --codes) (default: none)")
+    p.add_argument("--codes", help="codes of the store made with --sae, from scripts/encode.py (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete RESULTS_DIR (default: off)")
+    add_config_flags(p, TTTStudyConfig)
+    add_config_file_flag(p)
+    return p
 
 
 def _config(args: argparse.Namespace, device: str) -> TTTStudyConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TTTStudyConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return TTTStudyConfig(**{**values, "device": device})
 
 
@@ -102,7 +77,7 @@ def _finished(out: Path, record: dict, overwrite: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args = parse_args(parser(), argv)
     if (args.sae is None) != (args.codes is None):
         raise ValueError("--sae and --codes go together (the mask and agreement analyses need both)")
     try:
@@ -125,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.is_main:
         lock.acquire(out)  # two runs into one --out would mix their chunks
     try:
-        _evaluate(store, sae, codes, config, out, record, args.overwrite, ranks)
+        _evaluate(store, sae, codes, config, out, record, args, ranks)
     finally:
         if ranks.is_main:
             lock.release(out)
@@ -133,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(store, sae, codes, config: TTTStudyConfig, out: Path, record: dict, overwrite: bool,
+def _evaluate(store, sae, codes, config: TTTStudyConfig, out: Path, record: dict, args: argparse.Namespace,
               ranks: Ranks) -> None:
     work = partial_dir(out)
     if ranks.is_main:
         work.mkdir(parents=True, exist_ok=True)   # kept across kills: its chunks/ are the finished queries
-        remove_leftovers(work)
+        remove_leftovers(work, recursive=True)  # what a kill left mid-write: never committed
     ranks.barrier()
     log = print if ranks.is_main else None
     report = ttt_study(store, sae, codes, config, work, cache_dir=work / "chunks", ranks=ranks, log=log)
@@ -146,11 +121,12 @@ def _evaluate(store, sae, codes, config: TTTStudyConfig, out: Path, record: dict
         report["plots"] = _relative(report["plots"], work)
         write_json(work / "results.json", report)
         write_json(work / "config.json", record)
+        write_settings(work / SETTINGS_FILE, args)
         write_json(work / "meta.json", {
             "kind": "ttt", "schema_version": SCHEMA_VERSION, "package_version": package_version(),
             "parents": {"store": store.content_hash, "inputs": record["inputs"]},
             "world_size": ranks.world_size})
-        commit_dir(work, out, overwrite=overwrite)
+        commit_dir(work, out, overwrite=args.overwrite)
         _print_summary(report, out)
 
 

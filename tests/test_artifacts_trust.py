@@ -307,7 +307,7 @@ def _edit_meta(store, **changes):
 
 def test_a_hand_edited_meta_is_refused_on_open(small_store):
     _edit_meta(small_store, n=5, d=7)
-    with pytest.raises(ArtifactError, match=r"meta\.json says n=5, d=7 but embeddings\.npy holds float32 \(120, 8\)"):
+    with pytest.raises(ArtifactError, match=r"meta\.json says n=5, d=7 but .*/embeddings\.npy holds float32 \(120, 8"):
         EmbeddingStore.open(small_store.store_dir)
 
 
@@ -337,8 +337,7 @@ def test_a_zeroed_content_hash_is_refused_where_a_child_records_it(tmp_path, sma
 
 def test_a_changed_data_file_is_named(small_store):
     labels = np.load(small_store.store_dir / "labels.npy")
-    labels[0] = 2
-    np.save(small_store.store_dir / "labels.npy", labels)
+    np.save(small_store.store_dir / "labels.npy", labels.astype(np.int32))  # the same labels, other bytes
     with pytest.raises(ArtifactError, match=r"labels\.npy does not match the SHA-256 recorded"):
         EmbeddingStore.open(small_store.store_dir, verify=True)
 
@@ -419,3 +418,76 @@ def test_a_weights_file_for_the_digits_cnn_is_named_as_given(tmp_path):
     assert str(weights) in str(refused.value) and "--out ." not in str(refused.value)
     with pytest.raises(WeightsError, match=f"no digits CNN at {tmp_path / 'missing'}"):
         load_backbone("digits-cnn", weights=str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------- weights and full disks
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_sae_with_nan_or_inf_weights_is_refused_on_load(tmp_path, bad):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sae.checkpoint import load_sae, save_sae
+    from sae.config import SAEConfig
+    from sae.model import TopKSAE
+
+    sae_dir = save_sae(TopKSAE(SAEConfig(4, 8, 2)), tmp_path / "sae")
+    tensors = load_file(str(sae_dir / "sae.safetensors"))
+    tensors["W_dec"][3, 1] = bad
+    save_file(tensors, str(sae_dir / "sae.safetensors"))
+    with pytest.raises(ArtifactError, match=r"sae\.safetensors: W_dec holds 1 NaN or Inf values.*train_sae\.py"):
+        load_sae(sae_dir, verify_hash=False)
+    assert torch.isfinite(tensors["W_enc"]).all()
+
+
+def test_a_crafted_sae_config_allocates_nothing_beyond_its_file(tmp_path):
+    from sae.checkpoint import load_sae, save_sae
+    from sae.config import SAEConfig
+    from sae.model import TopKSAE
+
+    sae_dir = save_sae(TopKSAE(SAEConfig(4, 8, 2)), tmp_path / "sae")
+    config = read_json(sae_dir / "config.json")
+    config["sae"].update(d_in=10**6, n_latents=10**6)  # a model of 8 TB of weights
+    write_json(sae_dir / "config.json", config)
+    with pytest.raises(ArtifactError, match=r"W_enc has shape \(4, 8\) but config\.json implies \(1000000, 1000000\)"):
+        load_sae(sae_dir)
+
+
+class _Payload:
+    """A class a torch file may hold as a pickled object; loading it would run its module's code."""
+
+
+def test_pickled_checkpoints_are_refused_without_advice_to_unpickle(tmp_path):
+    import torch
+
+    from sae.checkpoint import import_paper_checkpoint
+
+    path = tmp_path / "clip_sae_checkpoint.pt"
+    torch.save({"config": {"k": 2}, "model_state_dict": {"W_enc": torch.zeros(2, 4)}, "extra": _Payload()}, path)
+    with pytest.raises(ArtifactError) as info:
+        import_paper_checkpoint(path, tmp_path / "sae")
+    message = str(info.value)
+    assert str(path) in message and "_Payload" in message
+    for advice in ("weights_only=False", "weights_only` set to `False", "can still be loaded", "safe_globals"):
+        assert advice not in message
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    import errno
+
+    from artifacts import DiskFullError
+    from artifacts.cli import error_line, is_user_error
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "run" / "meta.json"
+    target.parent.mkdir()
+    with pytest.raises(DiskFullError) as info:
+        write_json(target, {"a": 1})
+    assert info.value.errno == errno.ENOSPC and is_user_error(info.value)
+    line = error_line(info.value)
+    assert line.startswith(f"error: No space left on device while writing {target} ") and "[Errno 28]" not in line
+    assert list(target.parent.iterdir()) == []  # neither the file nor its temporary

@@ -48,7 +48,8 @@ def test_random_weights_by_name_are_frozen_and_described():
     b = load_backbone(SMALL, weights="random")
     assert not b.model.training and not any(p.requires_grad for p in b.model.parameters())
     info = b.info
-    assert info["name"] == SMALL and info["weights_source"] == "random" and info["weights_sha256"] is None
+    assert info["name"] == SMALL and info["weights_source"] == "random" and info["weights_seed"] == 0
+    assert len(info["weights_sha256"]) == 64  # of the tensors: random weights have no file
     assert info["output_kind"] == "pre_logits" and info["normalize"] is False
     assert info["d"] == b.model.num_features == b.d
     x = _batch(b)
@@ -219,8 +220,22 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(1), "obj": Payload()}, path)
-    with pytest.raises(WeightsError, match="cannot read"):
+    with pytest.raises(WeightsError, match=r"cannot read.*a pickled Python object \(.*Payload\)") as info:
         read_state_dict(path)
+    for advice in ("weights_only=False", "weights_only` set to `False", "can still be loaded", "safe_globals"):
+        assert advice not in str(info.value)  # torch's advice to unpickle never reaches the user
+    assert "torch.save(model.state_dict(), PATH)" in str(info.value)
+
+
+def test_random_weights_are_a_function_of_the_seed():
+    a, b, c = (load_backbone(SMALL, weights="random", seed=s) for s in (3, 3, 4))
+    assert a.info["weights_seed"] == 3 and a.info["weights_sha256"] == b.info["weights_sha256"]
+    assert c.info["weights_sha256"] != a.info["weights_sha256"]
+    x = _batch(a)
+    torch.testing.assert_close(a.features(x), b.features(x), rtol=0, atol=0)
+    state = torch.random.get_rng_state()
+    load_backbone(SMALL, weights="random", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
 
 
 def test_hub_failure_says_how_to_pass_a_local_file(tmp_path, monkeypatch):

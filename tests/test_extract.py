@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import embeddings.extract as extract_mod
+import embeddings.loader as loader_mod
 from artifacts import ArtifactError, partial_dir
 from embeddings.extract import ExtractConfig, ExtractError, ExtractRun, extract
 from embeddings.sources import open_source
@@ -69,6 +70,22 @@ def test_identical_store_is_returned_untouched(digits_store, tmp_path):
     again = extract(ExtractConfig(**DIGITS), _run(digits_store.store_dir, chunk_size=512))
     assert again.meta["timings"] == digits_store.meta["timings"]
     assert (digits_store.store_dir / "embeddings.npy").stat().st_mtime_ns == before
+
+
+def test_an_image_replaced_under_its_name_is_never_answered_with_the_old_store(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 12), (60 * i, 0, 0)).save(root / f"{i}.png")
+    config = ExtractConfig(source=str(root), backbone="digits-cnn", weights="random", batch_size=3)
+    first = extract(config, _run(tmp_path / "store", chunk_size=3))
+    old_row = np.asarray(first.x[1]).copy()
+    Image.new("RGB", (12, 12), (255, 255, 255)).save(root / "1.png")  # same name, other pixels
+    with pytest.raises(ArtifactError, match="already holds a different store; pass --overwrite"):
+        extract(config, _run(tmp_path / "store", chunk_size=3))
+    second = extract(config, _run(tmp_path / "store", chunk_size=3, overwrite=True))
+    assert not np.allclose(np.asarray(second.x[1]), old_row)
+    assert second.meta["fingerprint"] != first.meta["fingerprint"]
 
 
 def test_float16_and_overwrite_protection(digits_store, tmp_path):
@@ -265,13 +282,13 @@ def test_decoding_on_threads_gives_the_batches_of_one_thread(tmp_path):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (30 + i, 41, 3), dtype=np.uint8)).save(root / "cat" / f"r{i:02d}.jpg")
     source = open_source(str(root))
-    dataset = extract_mod._RowDataset(source, load_backbone("test_resnet", weights="random").image_transform)
+    dataset = loader_mod.RowDataset(source, load_backbone("test_resnet", weights="random").image_transform)
     batches = [list(range(i, min(i + 5, len(source)))) for i in range(0, len(source), 5)]
-    sequential = [extract_mod._collate([dataset[r] for r in rows]) for rows in batches]
+    sequential = [loader_mod.collate([dataset[r] for r in rows]) for rows in batches]
     n_threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        threaded = list(extract_mod._batches_in_process(dataset, batches, pin=False))
+        threaded = list(loader_mod.batches_in_process(dataset, batches, pin=False))
     finally:
         torch.set_num_threads(n_threads)
     assert torch.get_num_threads() == n_threads

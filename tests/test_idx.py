@@ -1,6 +1,7 @@
 """IDX files: reading, the torchvision and flat layouts, .gz, clear errors, and the paper's split."""
 
 import gzip
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -124,3 +125,76 @@ def test_a_root_with_several_data_sets_is_refused_naming_them(tmp_path):
     with pytest.raises(IdxError, match="FashionMNIST.*MNIST"):
         find_idx_files(tmp_path)
     assert find_idx_files(tmp_path / "MNIST")["train_images"].parent == tmp_path / "MNIST" / "raw"
+
+
+# ------------------------------------------------------------------------------------------- crafted sizes
+
+
+def _header(type_byte, shape):
+    return bytes([0, 0, type_byte, len(shape)]) + np.asarray(shape, ">u4").tobytes()
+
+
+def test_a_huge_label_is_refused_before_any_class_list_is_built(tmp_path):
+    # A million stands in for a billion (7 GB of class names): the same refusal, and a reader that lost the bound
+    # costs this test 60 MB rather than the machine its memory.
+    make_idx_set(tmp_path, n_train=20, n_test=10)
+    labels = (np.arange(20) % 10).astype(np.int32)
+    labels[7] = 10**6
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(IdxError, match=r"train-labels-idx1-ubyte: label 1000000 would imply 1000001 classes "
+                                       r"for 30 images; IDX labels are class numbers below 256"):
+        IdxSource(tmp_path)
+
+
+def test_a_header_whose_sizes_overflow_is_refused_naming_the_sizes(tmp_path):
+    # Four sizes of 2^32 - 1: their product in int64 wraps around, to a negative byte count.
+    (tmp_path / "a.idx").write_bytes(_header(0x08, (2**32 - 1,) * 4) + b"\0" * 64)
+    with pytest.raises(IdxError, match=r"a\.idx is truncated: its header says shape \(4294967295, 4294967295, "
+                                       r"4294967295, 4294967295\) of uint8 \(\d{38,} bytes with the header\)"):
+        read_idx(tmp_path / "a.idx")
+
+
+def test_a_gz_is_inflated_no_further_than_its_header_says(tmp_path):
+    """A few hundred kB of zeros inflating to 256 MiB under a header of 100 bytes: refused after reading 101 bytes,
+    never inflated in memory."""
+    path = tmp_path / "bomb-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_header(0x08, (1, 10, 10)))
+        zeros = bytes(1 << 24)
+        for _ in range(16):
+            f.write(zeros)
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxError, match=r"bomb-images-idx3-ubyte\.gz is longer than its header says"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_a_gz_header_promising_more_than_deflate_can_give_is_refused_at_once(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(_header(0x08, (60000, 2000, 2000)) + b"\0" * 100))
+    with pytest.raises(IdxError, match=r"x\.gz is corrupt: .* more than its \d+ compressed bytes can inflate to"):
+        read_idx(path)
+
+
+def test_empty_files_and_an_empty_test_set_are_clear_errors(tmp_path):
+    make_idx_set(tmp_path, n_train=20, n_test=10)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(IdxError, match=r"t10k-images-idx3-ubyte is empty \(0 bytes\); download it again"):
+        IdxSource(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    with pytest.raises(IdxError, match=r"t10k-images-idx3-ubyte and .*t10k-labels-idx1-ubyte hold no images"):
+        IdxSource(tmp_path)
+
+
+def test_idx_errors_are_the_toolkits_own(tmp_path):
+    from artifacts import ArtifactError
+
+    (tmp_path / "x.idx").write_bytes(b"\x00\x00")
+    with pytest.raises(ArtifactError):
+        read_idx(tmp_path / "x.idx")

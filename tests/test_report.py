@@ -1,5 +1,6 @@
 """report.json assembly, the paper's values and verdicts, and the HTML page (self-contained, escaped)."""
 
+import math
 import re
 
 import numpy as np
@@ -8,11 +9,30 @@ import pytest
 from analysis.run.cache import StageResult
 from analysis.report.document import SCHEMA, build_report, lookup
 from analysis.report.html import render_html
-from analysis.report.paper import direction_verdict, number_verdict, width_verdict
-from analysis.report.plots import plot_accuracies
+from analysis.report.paper import direction_verdict, number_verdict, width_slope, width_verdict
 from analysis.stats import accuracy, paired_difference
+from analysis.ttt.plots import accuracy_bars
 
 EVIL = "<script>alert(1)</script>"
+
+
+def gallery_of(text, image=None):
+    """A gallery whose every string is ``text``."""
+    shown = [{"row": 1, "id": text, "label": text, "activation": 2.5, "image": image}]
+    return {"concepts": [{"latent": 3, "n_rows": 5, "frequency": 0.5, "all_labels": {text: 4, "b": 1},
+                          "purity": 0.8, "shown": shown, "shown_labels": {text: 1}}],
+            "order": text, "chosen": text, "images_note": text}
+
+
+def cards_of(text, image=None, neighbour_image=None):
+    """Image cards whose every string is ``text``."""
+    return {"cards": [{"row": 1, "id": text, "label": text, "image": image, "union": 4, "global": text, "ttt": text,
+                       "concepts": [{"latent": 1, "shared_by": 2, "n_rows": 9, "frequency": 0.1, "top_label": text,
+                                     "purity": 0.5}],
+                       "neighbours": [{"row": 2, "id": text, "label": text, "similarity": 0.9,
+                                       "image": neighbour_image}],
+                       "neighbour_labels": {text: 1}}],
+            "space": text, "n_shown": 16, "n_neighbours": 1, "chosen": text, "images_note": text}
 
 
 def _stage(name, tmp_path, metrics, plots=None, key="f" * 64):
@@ -32,10 +52,12 @@ def _ttt_metrics(n=400, seed=0):
 
 
 def test_number_verdicts():
-    assert number_verdict({"value": 0.99, "se": 0.001}, {"value": 0.9901, "se": 0.001}) == "agrees within error"
-    far = number_verdict({"value": 0.95, "se": 0.001}, {"value": 0.99, "se": 0.001})
+    assert number_verdict({"value": 0.99, "se": 0.001}, {"value": 0.9901, "se": 0.001}, "points") \
+        == "agrees within error"
+    far = number_verdict({"value": 0.95, "se": 0.001}, {"value": 0.99, "se": 0.001}, "points")
     assert far.startswith("differs by -4.00 points") and "SE" in far
-    assert number_verdict({"value": 150.0, "se": 2.0}, {"value": 180.0, "se": None}).startswith("differs by -30")
+    assert number_verdict({"value": 150.0, "se": 2.0}, {"value": 180.0, "se": None}, "concepts") \
+        .startswith("differs by -30 concepts")
 
 
 def test_direction_verdicts():
@@ -43,16 +65,19 @@ def test_direction_verdicts():
     assert direction_verdict({"value": 0.005, "se": 0.01}, None, ">").startswith("inconclusive")
     assert direction_verdict({"value": -0.05, "se": 0.01}, None, ">") == "contradicts it"
     assert direction_verdict({"value": 30, "se": 1}, {"value": 80, "se": 1}, "<") == "supports the claim"
-    rows = [{"n_features": 25, "gain": {"value": 0.1, "se": 0.01}},
-            {"n_features": 400, "gain": {"value": 0.0, "se": 0.01}}]
+    rows = [{"n_features": 25, "gain": {"value": 0.1, "se": 0.01, "n": 300}},
+            {"n_features": 400, "gain": {"value": 0.0, "se": 0.01, "n": 300}}]
     assert width_verdict(rows)["verdict"] == "supports the claim"
     assert width_verdict(rows[:1]) is None
+
+
+MNIST = {"name": "MNIST", "classes": [str(i) for i in range(10)], "paper_data": True, "evidence": "test"}
 
 
 def test_report_has_the_schema_and_paper_comparisons(tmp_path):
     results = {"ttt": _stage("ttt", tmp_path, _ttt_metrics())}
     sections = {"ttt": {"status": "ok", "reason": ""}, "concepts": {"status": "missing", "reason": "not here"}}
-    report = build_report("mnist", {"seed": 0}, results, sections, tmp_path)
+    report = build_report("mnist", {"seed": 0}, results, sections, tmp_path, data=MNIST)
     assert report["schema"] == SCHEMA and report["preset"] == "mnist"
     m = lookup(report, "ttt.locality.whole_test_acc")
     assert set(m) >= {"value", "se", "n", "stage", "stage_key"} and m["stage"] == "ttt"
@@ -70,22 +95,21 @@ def test_report_has_the_schema_and_paper_comparisons(tmp_path):
 def test_digits_preset_has_no_paper_values_but_checks_directions(tmp_path):
     report = build_report("digits", {}, {"ttt": _stage("ttt", tmp_path, _ttt_metrics())}, {}, tmp_path)
     assert all(r["paper"] is None for r in report["comparisons"])
+    assert all(r["verdict"] == "not the paper's data: not compared" for r in report["comparisons"])
     assert report["claims"]
 
 
 def test_page_is_self_contained_and_escapes_every_string(tmp_path):
     (tmp_path / "ttt").mkdir()
-    plot_accuracies({"global": accuracy([1, 0, 1]), EVIL: accuracy([1, 1, 1])}, tmp_path / "ttt" / "acc.png", EVIL)
+    accuracy_bars({"global": accuracy([1, 0, 1]), "TTT": accuracy([1, 1, 1])}, tmp_path / "ttt" / "acc.png", EVIL)
     results = {"ttt": _stage("ttt", tmp_path, _ttt_metrics(), plots={EVIL: "acc.png"})}
     report = build_report("digits", {"data": EVIL}, results, {EVIL: {"status": "missing", "reason": EVIL}}, tmp_path)
-    report["gallery"] = {"concepts": [{"latent": 3, "n_rows": 5, "frequency": 0.5, "description": f"mostly '{EVIL}'",
-                                       "top_rows": [1], "top_ids": [EVIL], "images": [None]}], "images_note": EVIL}
-    report["cards"] = {"cards": [{"row": 1, "id": EVIL, "label": EVIL, "image": None, "union": 4, "global": EVIL,
-                                  "ttt": EVIL, "concepts": [{"latent": 1, "shared_by": 2, "description": EVIL}],
-                                  "neighbours": [{"row": 2, "label": EVIL, "image": None}]}]}
+    report["gallery"] = gallery_of(EVIL)
+    report["cards"] = cards_of(EVIL)
     page = render_html(report, tmp_path)
     assert "<script" not in page.lower() and "onerror" not in page.lower()
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
+    assert "<script" not in page.replace("&lt;script", "")
     srcs = re.findall(r'src="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert 'id=summary' in page and "http://" not in page and "https://" not in page
@@ -93,8 +117,9 @@ def test_page_is_self_contained_and_escapes_every_string(tmp_path):
 
 def test_a_missing_plot_file_is_said_not_hidden(tmp_path):
     results = {"ttt": _stage("ttt", tmp_path, _ttt_metrics(), plots={"gone": "gone.png"})}
-    page = render_html(build_report("digits", {}, results, {}, tmp_path), tmp_path)
-    assert "is missing" in page
+    report = build_report("digits", {}, results, {}, tmp_path)
+    assert "gone" not in report["plots"] and "missing" in report["plots_refused"]["ttt.gone"]
+    assert "gone.png: missing" in render_html(report, tmp_path)
 
 
 def test_no_numbers_at_all_says_so(tmp_path):
@@ -104,20 +129,34 @@ def test_no_numbers_at_all_says_so(tmp_path):
 
 def test_paper_ttt_values_follow_the_space_the_study_ran_in(tmp_path):
     stage = _stage("ttt", tmp_path, _ttt_metrics())
-    raw = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path)["comparisons"]}
+    imagenet = {**MNIST, "name": "ImageNet-1k"}
+    raw = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path,
+                                                 data=imagenet)["comparisons"]}
     assert raw["ttt.global_acc"]["paper"]["value"] == pytest.approx(0.7833)
     stage.settings = {"space": "codes"}
-    codes = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path)["comparisons"]}
+    codes = {r["metric"]: r for r in build_report("imagenet-clip", {}, {"ttt": stage}, {}, tmp_path,
+                                                   data=imagenet)["comparisons"]}
     assert codes["ttt.global_acc"]["paper"]["value"] == pytest.approx(0.7145)
 
 
-def test_width_verdict_compares_narrowest_with_widest_whatever_the_order_given():
-    rows = [{"n_features": 400, "gain": {"value": 0.0, "se": 0.01}},
-            {"n_features": 25, "gain": {"value": 0.1, "se": 0.01}},
-            {"n_features": 100, "gain": {"value": 0.05, "se": 0.01}}]  # e.g. --widths 16,1,4
+def test_width_verdict_fits_every_width_whatever_the_order_given():
+    rows = [{"n_features": 400, "gain": {"value": 0.0, "se": 0.01, "n": 300}},
+            {"n_features": 25, "gain": {"value": 0.1, "se": 0.01, "n": 300}},
+            {"n_features": 100, "gain": {"value": 0.05, "se": 0.01, "n": 300}}]  # e.g. --widths 16,1,4
     verdict = width_verdict(rows)
     assert verdict["verdict"] == "supports the claim"
-    assert verdict["measured"].index("at 25 features") < verdict["measured"].index("at 400")
+    assert verdict["measured"]["value"] == pytest.approx(-0.025) and verdict["measured"]["n"] == 3
+    assert verdict["against"].index("at 25 features") < verdict["against"].index("at 400")
+
+
+def test_width_slope_weighs_every_width_not_the_two_ends():
+    # The ends alone (+2 at 25, +2 at 400 features) show no trend; the three widths between fall steeply.
+    rows = [{"n_features": f, "gain": {"value": g, "se": 0.005, "n": 300}}
+            for f, g in ((25, 0.02), (50, 0.10), (100, 0.06), (200, 0.02), (400, 0.02))]
+    slope = width_slope(rows)
+    assert slope["value"] < 0 and slope["se"] == pytest.approx(0.005 / math.sqrt(10))
+    assert width_verdict(rows)["verdict"] == "supports the claim"
+    assert width_slope(rows[:1]) is None
 
 
 def test_a_theory_claim_without_a_measurement_is_inconclusive_and_rendered(tmp_path):
@@ -143,3 +182,17 @@ def test_a_measure_without_a_standard_error_is_never_a_confident_verdict():
     # an SE of exactly 0 (every point right) is known, and still decides
     assert direction_verdict({"value": 1.0, "se": 0.0, "n": 50}, {"value": 0.3, "se": 0.02, "n": 50}, ">") \
         == "supports the claim"
+
+
+def test_the_page_templates_ship_with_the_package():
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from analysis.report.html import TEMPLATES
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["analysis.report"]
+    files = [p.relative_to(TEMPLATES.parent).as_posix() for p in TEMPLATES.iterdir() if p.is_file()]
+    assert len(files) >= 3 and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
+    assert any(d.lower().startswith("jinja2") for d in config["project"]["dependencies"])

@@ -104,3 +104,63 @@ def test_encode_script_on_a_store(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     err = done.stderr
     assert "sae6" in err and "store" in err and "d=5" in err
+
+
+# ------------------------------------------------------------------------------------------- damaged and crafted files
+
+
+@pytest.fixture
+def codes_dir(tmp_path):
+    x = np.random.default_rng(0).normal(size=(10, 5)).astype(np.float32)
+    encode_array(small_model(), x, tmp_path / "codes", batch_size=4, parents={"store_dir": "S", "sae_dir": "A"})
+    return tmp_path / "codes"
+
+
+def _set_index(codes_dir, value):
+    indices = np.load(codes_dir / "indices.npy")
+    indices[4, 1] = value
+    np.save(codes_dir / "indices.npy", indices)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: (d / "values.npy").write_bytes((d / "values.npy").read_bytes()[:-12]),
+     r"values\.npy is truncated: \d+ bytes where its header \(float32 \(10, 3\)\) needs \d+"),
+    (lambda d: _set_index(d, 12), r"indices\.npy holds latent index 12 at entry 13, outside 0\.\.11"),
+    (lambda d: _set_index(d, -3), r"indices\.npy holds latent index -3 at entry 13, outside 0\.\.11"),
+    (lambda d: np.save(d / "indices.npy", np.load(d / "indices.npy").astype(np.float32)),
+     r"indices\.npy holds float32 where integers or unsigned integers belong"),
+    (lambda d: np.save(d / "inv_indptr.npy", np.arange(13) * 100),
+     r"inv_indptr\.npy is not the pointer array of 30 entries"),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), r"meta\.json holds a JSON list where a JSON object belongs"),
+    (lambda d: (d / "config.json").write_text("{"), r"config\.json is not valid JSON"),
+])
+def test_damaged_codes_are_refused_naming_the_file_and_the_fix(codes_dir, edit, match):
+    edit(codes_dir)
+    with pytest.raises(ArtifactError, match=match) as info:
+        CodeStore.open(codes_dir)
+    assert "scripts/encode.py --store " in str(info.value) and f"--out {codes_dir} --overwrite" in str(info.value)
+
+
+def test_an_object_array_is_refused_without_advice_to_unpickle(codes_dir):
+    np.save(codes_dir / "values.npy", np.array([[object()] * 3] * 10, dtype=object), allow_pickle=True)
+    with pytest.raises(ArtifactError, match=r"values\.npy holds Python objects") as info:
+        CodeStore.open(codes_dir)
+    assert "allow_pickle" not in str(info.value) and "pickle=True" not in str(info.value)
+
+
+def test_a_full_disk_while_encoding_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from artifacts import DiskFullError, lock_path
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    x = np.ones((6, 5), np.float32)
+    with pytest.raises(DiskFullError, match=r"No space left on device while writing .*\.codes\.partial/indices\.npy "
+                                            r"\(it needs \d+ bytes\) \(encoding the codes\)"):
+        encode_array(small_model(), x, tmp_path / "codes")
+    assert not (tmp_path / "codes").exists() and not (tmp_path / ".codes.partial").exists()
+    assert not lock_path(tmp_path / "codes").exists()

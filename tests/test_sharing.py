@@ -211,3 +211,19 @@ def test_classes_too_small_for_a_same_label_neighbourhood_are_left_out_and_count
     n_test = len(store.split["test"])
     assert sharing["same_label_note"].startswith(f"{n_test} of {n_test} queries left out")
     assert _is_measure(sharing["union_concepts_random"]) and _is_measure(sharing["union_concepts_mean"])
+
+
+def test_a_neighbourhood_near_the_store_size_is_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"--n-neighbours 199000 for 10000 queries needs 111\.\d GiB"):
+        nbh.check_lists_fit(10_000, 199_000, n_lists=5)
+    nbh.check_lists_fit(10_000, 50, n_lists=5)  # the paper's setting fits easily
+
+
+def test_union_sizes_in_small_steps_equal_one_step(monkeypatch):
+    rng = np.random.default_rng(0)
+    codes = SparseCodes(rng.random((300, 4)).astype(np.float32), rng.integers(0, 40, (300, 4)), 40)
+    rows = rng.integers(0, 300, (17, 25))
+    whole = nbh.union_sizes(codes, rows)
+    monkeypatch.setattr(nbh, "UNION_CHUNK_ENTRIES", 250)  # two neighbourhoods a step
+    assert np.array_equal(nbh.union_sizes(codes, rows), whole)
+    assert np.array_equal(whole, nbh.neighbourhood_stats(codes, rows)["union"])

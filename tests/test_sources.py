@@ -272,3 +272,53 @@ def test_imagenet_split_of_a_class_too_small_names_a_fix_that_exists():
     assert "class 1 has 50 train images" in message
     assert "--test-per-class" not in message  # no script has that flag
     assert "more than 50" in message
+
+
+def test_integer_labels_of_a_list_may_not_imply_a_million_classes(tmp_path, images_dir):
+    (tmp_path / "list.txt").write_text("images/a.png 3\nimages/b.png 1000000\n")
+    with pytest.raises(ValueError, match=r"list\.txt: integer label 1000000 would imply 1000001 classes for 2 "
+                                         r"images"):
+        open_source(tmp_path / "list.txt")
+    (tmp_path / "list.txt").write_text("images/a.png 3\nimages/b.png 255\n")
+    assert len(open_source(tmp_path / "list.txt").classes) == 256  # one byte's worth of classes is always fine
+
+
+# ------------------------------------------------------------------------------------------- folder fingerprints
+
+
+def test_folder_fingerprint_changes_with_the_images_and_not_with_their_creation_order(tmp_path):
+    from embeddings.fingerprints import folder_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _tree(a, [("cat/1.png", 10), ("dog/2.png", 20), ("notes.txt", None)])
+    _tree(b, [("notes.txt", None), ("dog/2.png", 20), ("cat/1.png", 10)])
+    first = folder_fingerprint(a)
+    assert first == folder_fingerprint(b) and first["by_content"] and first["n_files"] == 3
+    # replaced by another image of the same size, with the old modification time: only the content tells
+    stat = (a / "cat/1.png").stat()
+    Image.new("RGB", (4, 3), (11, 244, 7)).save(a / "cat/1.png", format="PNG")
+    assert (a / "cat/1.png").stat().st_size == stat.st_size
+    os.utime(a / "cat/1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replaced = folder_fingerprint(a)
+    assert replaced["sha256"] != first["sha256"]
+    _png(a / "dog/3.png", 30)
+    added = folder_fingerprint(a)
+    assert added["sha256"] != replaced["sha256"] and added["n_files"] == 4
+    (a / "dog/3.png").rename(a / "dog/.3.png")  # hidden now: not read, but recorded by name in the store
+    hidden = folder_fingerprint(a)
+    assert hidden["sha256"] not in (added["sha256"], replaced["sha256"])
+    os.utime(a / "cat/1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same content
+    assert folder_fingerprint(a) == hidden
+
+
+def test_a_large_folder_is_fingerprinted_by_sizes_and_modification_times(tmp_path):
+    from embeddings.fingerprints import folder_fingerprint
+
+    _tree(tmp_path / "f", [("1.png", 10), ("2.png", 20)])
+    before = folder_fingerprint(tmp_path / "f", hash_limit_bytes=0)
+    assert not before["by_content"]
+    stat = (tmp_path / "f" / "1.png").stat()
+    os.utime(tmp_path / "f" / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert folder_fingerprint(tmp_path / "f", hash_limit_bytes=0)["sha256"] != before["sha256"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        folder_fingerprint(tmp_path / "f" / "1.png")

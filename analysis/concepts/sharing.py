@@ -21,6 +21,7 @@ from scipy import stats as scipy_stats
 from analysis import neighbourhoods as nbh
 from analysis.concepts.naming import firing_counts
 from analysis.neighbours import NeighbourIndex
+from analysis.progress import progress
 from analysis.parents import check_codes
 from analysis.spaces import SPACE_NAMES, Space, code_space, embedding_space, reconstruction_space
 from analysis.stats import accuracy, measure, paired_difference
@@ -100,6 +101,12 @@ def find_neighbours(space: Space, pool: np.ndarray, queries: np.ndarray, n_neigh
     return index.search(space.rows(queries), n_neighbours, exclude=exclude)[1]
 
 
+def _live_in(sparse, rows: np.ndarray) -> int:
+    """Latents that fire on at least one of ``rows``: no neighbourhood drawn from them can use more."""
+    values, indices = np.asarray(sparse.values)[rows], np.asarray(sparse.indices)[rows]
+    return int(np.unique(indices[values > 0]).size)
+
+
 def summarise(per_query: dict, provenance: str) -> dict:
     """Measure dicts of the per-neighbourhood statistics."""
     return {name: measure(values, provenance) for name, values in per_query.items()
@@ -175,11 +182,16 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
                          "encode the store with this SAE (scripts/encode.py)")
     queries, pool, exclude_self = study_rows(store, config)
     k, n_nb = codes.k, config.n_neighbours
+    nbh.check_lists_fit(queries.size, n_nb, n_lists=len(config.spaces) + 2)  # every space and both baselines
     spaces = {"embeddings": embedding_space(store), "reconstructions": reconstruction_space(store, sae),
               "codes": code_space(codes)}
     sparse = spaces["codes"].sparse()
-    neighbours = {name: find_neighbours(spaces[name], pool, queries, n_nb, exclude_self, config.factory)
-                  for name in config.spaces}
+    bar = progress("concepts", len(config.spaces) + 4, "steps")
+    neighbours = {}
+    for name in config.spaces:
+        bar.step(f"neighbours in {name}")
+        neighbours[name] = find_neighbours(spaces[name], pool, queries, n_nb, exclude_self, config.factory)
+    bar.step("sharing statistics and baselines")
     per_space = {name: nbh.neighbourhood_stats(sparse, rows, queries) for name, rows in neighbours.items()}
     baselines = {"random": nbh.random_neighbourhoods(pool, queries, n_nb, config.seed)}
     baseline_queries = {"random": queries}
@@ -202,12 +214,14 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
                     for name, rows in baselines.items()}
     cosines = {name: nbh.code_cosines(sparse, queries, rows) for name, rows in neighbours.items()}
     cosines.update({name: nbh.code_cosines(sparse, baseline_queries[name], rows) for name, rows in baselines.items()})
+    bar.step("O1 similarity preservation")
     o1 = o1_comparison({s: cosines[s] for s in neighbours}, neighbours, config.n_bootstrap, config.seed)
     main_space = "embeddings" if "embeddings" in neighbours else next(iter(neighbours))
     sharing = {
         "n_neighbours": n_nb, "n_queries": int(queries.size), "k": k, "main_space": main_space,
-        "union_bounds": {"min": k, "max": n_nb * k,
-                         "note": "k if every neighbour used the same concepts, n_neighbours*k if all differ"},
+        "union_bounds": {"min": k, "max": n_nb * k, "n_live": _live_in(sparse, pool),
+                         "note": "k if every neighbour used the same concepts, n_neighbours*k if all differ, "
+                                 "never more than the n_live latents that fire on a training row"},
         "union_concepts_mean": measure(per_space[main_space]["union"], f"neighbours in {main_space}"),
         "union_concepts_random": measure(per_baseline["random"]["union"], "random neighbourhoods"),
         "union_concepts_same_label": (measure(per_baseline["same_label"]["union"], "same-label neighbourhoods")
@@ -221,15 +235,18 @@ def concept_study(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore, config:
         sharing["same_label_note"] = same_label_note
     pair = "embeddings|codes" if {"embeddings", "codes"} <= set(neighbours) else next(iter(o1["wasserstein"]), None)
     sharing["o1_distance"] = o1["wasserstein"].get(pair) if pair else None
+    bar.step("downstream probes")
     result = {"config": asdict(config), "sharing": sharing,
               "downstream": (downstream_probes(store, sae, codes, pool, queries, config) if config.probe
                              else {"skipped": "probes turned off"}),
               "plots": {}}
     if out_dir is not None:
+        bar.step("plots")
         unions = {**{f"neighbours in {s}": per_space[s]["union"] for s in per_space},
                   **{f"{b.replace('_', '-')} baseline": per_baseline[b]["union"] for b in per_baseline}}
         frequency = firing_counts(codes) / codes.n
         result["plots"] = concept_plots.draw_all(Path(out_dir), unions, sharing["union_bounds"], cosines, store, sae,
                                                  config, frequency)
         result["umap"] = result["plots"].pop("umap_note", None)
+    bar.close()
     return result

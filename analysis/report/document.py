@@ -1,19 +1,28 @@
-"""``report.json``: every number of a run with its standard error, n and provenance, the paper's values and the
-verdicts, the plots, the sections that could not be computed and why, provenance and timings.
+"""``report.json``: every number of a run with its uncertainty, n and provenance, the paper's values and the
+verdicts, the setup, the plots, the sections that could not be computed and why, provenance and timings.
 
-Schema (``"schema": "ttt-concepts-report/1"``)::
+Schema (``"schema": "ttt-concepts-report/2"``)::
 
-    preset, created, settings                      the preset and every setting of the run
-    sae / downstream / sharing / ttt / theory      Measures: {"value", "se", "n", "provenance", "stage", "stage_key"}
-                                                   (nested: ttt.locality.own_neighbourhood_acc ...)
-    sweeps.n_neighbours, sweeps.width              lists of rows, each with Measures
-    comparisons                                    [{"metric", "claim", "ours", "paper", "verdict"}] (paper: null
-                                                   when the preset has no paper value; verdict then about direction)
-    claims                                         [{"claim", "metric", "against", "verdict"}] qualitative claims
+    preset, created                                the preset and when the report was made
+    settings                                       every setting of the run, each resolved (a default is shown as
+                                                   the value the run used, never null)
+    data                                           {"name", "classes", "paper_data", "evidence"}: what the data
+                                                   is, recognised by content, and whether the paper ran on it
+    setup                                          [{"title", "rows": [[label, value]]}]: the setup card
+    sae / downstream / sharing / ttt / theory      Measures: {"value", "se", "n", "provenance", "stage",
+                                                   "stage_key"}; a proportion adds "kind": "proportion" and
+                                                   "interval" (95% Wilson), a paired difference of proportions
+                                                   "kind": "difference", "unit": "points"
+    sweeps.n_neighbours, sweeps.train_size, sweeps.width    lists of rows, each with Measures
+    comparisons                                    [{"metric", "label", "claim", "items", "ours", "paper",
+                                                   "verdict"}]: paper null unless the run's data is the paper's
+    claims                                         [{"claim", "metric", "against", "test", "verdict", "paper"}]:
+                                                   the qualitative claims, paired where the run has the pairs
     sections                                       {name: {"status": "ok"|"missing"|"failed", "reason"}}
-    plots                                          {name: path relative to the run directory}
+    plots                                          {name: path relative to the run directory}; plots_refused:
+                                                   {name: why} for a path outside the run directory or missing
     gallery, cards                                 concept gallery and image cards (see analysis.report.gallery)
-    provenance                                     versions, artifacts {stage: {"dir", "key", "hashes"}}
+    provenance                                     versions, artifacts {stage: {"dir", "key", "settings", "hashes"}}
     timings                                        {stage: {"seconds", "cpu_seconds", "reused"}}, "total_s"
 
 A section whose stage is missing or failed has no numbers at all: never a placeholder.
@@ -27,10 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from analysis.run.cache import StageResult
-from analysis.report.paper import CLAIMS, DIRECTIONS, direction_verdict, number_verdict, paper_values, width_verdict
+from analysis.report.datasets import NOT_PAPER, describe_data
+from analysis.report.embed import embed_png, inside_run_dir
+from analysis.report.metrics import CLAIMS, items, label, typed, unit
+from analysis.report.paper import DIRECTIONS, direction_claim, number_verdict, paper_values, width_verdict
+from analysis.report.setup import read_json_list, resolve_settings, setup_card
 from artifacts import package_version
 
-SCHEMA = "ttt-concepts-report/1"
+SCHEMA = "ttt-concepts-report/2"
 METRIC_GROUPS = ("sae", "downstream", "sharing", "ttt", "theory")
 
 
@@ -39,14 +52,14 @@ def is_measure(obj) -> bool:
     return isinstance(obj, dict) and "value" in obj and "n" in obj
 
 
-def _tag(tree, stage: StageResult):
-    """``tree`` with every Measure tagged with the stage and key that made it."""
+def _tag(tree, stage: StageResult, path: str = ""):
+    """``tree`` with every Measure tagged with the stage and key that made it, and typed by its metric's kind."""
     if is_measure(tree):
-        return {**tree, "stage": stage.name, "stage_key": stage.key[:12]}
+        return {**typed(path, tree), "stage": stage.name, "stage_key": stage.key[:12]}
     if isinstance(tree, dict):
-        return {k: _tag(v, stage) for k, v in tree.items()}
+        return {k: _tag(v, stage, f"{path}.{k}" if path else k) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_tag(v, stage) for v in tree]
+        return [_tag(v, stage, path) for v in tree]
     return tree
 
 
@@ -68,37 +81,51 @@ def lookup(report: dict, path: str):
     return node
 
 
-def _plots(stage: StageResult, run_dir: Path) -> dict:
-    out = {}
+def _plots(stage: StageResult, run_dir: Path) -> tuple[dict, dict]:
+    """The stage's plots as paths relative to the run directory, and those refused with the reason."""
+    out, refused = {}, {}
     for name, path in (stage.result.get("plots") or {}).items():
-        p = Path(path)
-        p = p if p.is_absolute() else stage.dir / p
-        try:
-            out[f"{stage.name}.{name}"] = p.resolve().relative_to(run_dir.resolve()).as_posix()
-        except ValueError:
-            out[f"{stage.name}.{name}"] = str(p)
-    return out
+        key = f"{stage.name}.{name}"
+        if not isinstance(path, str):
+            continue
+        p = (Path(path) if Path(path).is_absolute() else Path(stage.dir) / path).absolute()  # run_dir may be relative
+        found = inside_run_dir(run_dir, p)
+        if found is None:
+            refused[key] = embed_png(run_dir, p)["reason"]
+            continue
+        out[key] = found.relative_to(Path(run_dir).resolve()).as_posix()
+    return out, refused
 
 
 def build_report(preset: str, settings: dict, results: dict[str, StageResult], sections: dict[str, dict],
-                 run_dir: Path, extra_plots: dict | None = None, versions: dict | None = None) -> dict:
-    """Assemble ``report.json`` from the finished stages (see the module docstring)."""
-    report = {"schema": SCHEMA, "preset": preset, "settings": settings,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "sweeps": {}, "plots": {}, "sections": sections}
+                 run_dir: Path, extra_plots: dict | None = None, versions: dict | None = None,
+                 data: dict | None = None) -> dict:
+    """Assemble ``report.json`` from the finished stages (see the module docstring). ``data``: what the data is
+    (``analysis.report.datasets.describe_data``), recognised from the stages when not given."""
+    n_classes = len(read_json_list(Path(results["store"].dir) / "classes.json")) if "store" in results else None
+    data = data or describe_data(preset, results, n_classes)
+    report = {"schema": SCHEMA, "preset": preset, "settings": resolve_settings(settings, results),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": data,
+              "sweeps": {}, "plots": {}, "plots_refused": {}, "sections": sections}
     for stage in results.values():
         metrics = stage.result.get("metrics") or {}
         _merge(report, _tag({k: v for k, v in metrics.items() if k in METRIC_GROUPS and isinstance(v, dict)}, stage))
         for name, rows in (metrics.get("sweeps") or {}).items():
-            report["sweeps"][name] = _tag(rows, stage)
+            report["sweeps"][name] = _tag(rows, stage, f"sweeps.{name}")
         for key in ("gallery", "cards"):
             if metrics.get(key):
                 report[key] = metrics[key]
-        report["plots"].update(_plots(stage, run_dir))
-    report["plots"].update(extra_plots or {})
-    ttt_space = results["ttt"].settings.get("space") if "ttt" in results else None
-    report["comparisons"] = comparisons(report, preset, ttt_space)
+        found, refused = _plots(stage, run_dir)
+        report["plots"].update(found)
+        report["plots_refused"].update(refused)
+    for name, rel in (extra_plots or {}).items():
+        if inside_run_dir(run_dir, rel) is not None:
+            report["plots"][name] = rel
+    ttt = results.get("ttt")
+    report["comparisons"] = comparisons(report, preset, ttt.settings.get("space") if ttt else None,
+                                        data["paper_data"], ttt.settings if ttt else {})
     report["claims"] = claims(report)
+    report["setup"] = setup_card(report, results, data)
     report["provenance"] = provenance(results, versions)
     report["timings"] = {name: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "reused": r.reused}
                          for name, r in results.items()}
@@ -106,44 +133,64 @@ def build_report(preset: str, settings: dict, results: dict[str, StageResult], s
     return report
 
 
-def comparisons(report: dict, preset: str, ttt_space: str | None = None) -> list[dict]:
-    """One row per reported headline number: ours, the paper's (where the preset mirrors it), the verdict."""
-    paper = paper_values(preset, ttt_space)
-    rows = []
+SAME_HEAD = ("downstream.acc_raw", "ttt.global_acc")
+"""The probe on raw embeddings and the TTT study's global head: one linear head with the same recipe on the same
+split when the TTT study runs on the embeddings, so one number, shown once."""
+
+
+def _same_head(rows: dict, ttt_settings: dict) -> bool:
+    a, b = (rows.get(m) for m in SAME_HEAD)
+    if a is None or b is None or ttt_settings.get("space", "embeddings") != "embeddings":
+        return False
+    return ttt_settings.get("head", "linear") == "linear" and all(
+        a["ours"].get(k) == b["ours"].get(k) for k in ("value", "n"))
+
+
+def comparisons(report: dict, preset: str, ttt_space: str | None = None, paper_data: bool = True,
+                ttt_settings: dict | None = None) -> list[dict]:
+    """One row per reported headline number: ours, the paper's (only when the run's data is the paper's), the
+    verdict in the unit of the measure; the probe on raw embeddings and the global head merged when they are one
+    head."""
+    paper = paper_values(preset, ttt_space) if paper_data else {}
+    rows = {}
     for metric, claim in CLAIMS.items():
         ours = lookup(report, metric)
         if not is_measure(ours):
             continue
         theirs = paper.get(metric)
-        rows.append({"metric": metric, "claim": claim, "ours": ours, "paper": theirs,
-                     "verdict": number_verdict(ours, theirs) if theirs else "not compared"})
+        verdict = (number_verdict(ours, theirs, unit(metric)) if theirs else
+                   "the paper gives no value for it" if paper_data else NOT_PAPER)
+        rows[metric] = {"metric": metric, "label": label(metric), "claim": claim, "items": items(metric),
+                        "ours": ours, "paper": theirs, "verdict": verdict}
+    if _same_head(rows, ttt_settings or {}):
+        probe = rows.pop(SAME_HEAD[0])
+        head = rows[SAME_HEAD[1]]
+        head.update(metric=" = ".join(SAME_HEAD), label="Global linear head on the embeddings (also the reference "
+                    "probe: one head, one number)", claim=f"{head['claim']} {probe['claim']}")
+    out = list(rows.values())
     for c in (report.get("theory") or {}).get("claims") or []:  # the theory study judges its own claims
         if is_measure(c.get("measured")):
             measured = c["measured"]
             verdict = ("supports the claim" if c.get("holds") else "does not support it") \
                 if measured["value"] is not None else f"inconclusive (not measured: {measured.get('provenance')})"
-            rows.append({"metric": "theory.claims", "claim": c["claim"], "ours": measured, "paper": None,
-                         "paper_text": c.get("paper"), "verdict": verdict, "detail": c.get("detail")})
-    return rows
+            out.append({"metric": "theory.claims", "label": c["claim"], "claim": c.get("detail") or c["claim"],
+                        "items": "",
+                        "ours": measured, "paper": None, "paper_text": c.get("paper"), "verdict": verdict,
+                        "detail": c.get("detail")})
+    return out
 
 
 def claims(report: dict) -> list[dict]:
-    """The paper's qualitative claims that this run's numbers can check."""
-    out = []
-    for metric, other, sign, claim in DIRECTIONS:
-        a, b = lookup(report, metric), (lookup(report, other) if other else None)
-        if not is_measure(a) or (other and not is_measure(b)):
-            continue
-        out.append({"claim": claim, "metric": metric, "against": other or "0", "verdict": direction_verdict(a, b, sign)})
+    """The paper's qualitative claims that this run's numbers can check (paired where the run has the pairs)."""
+    out = [c for spec in DIRECTIONS if (c := direction_claim(spec, lambda m: lookup(report, m))) is not None]
     width = width_verdict(report["sweeps"].get("width") or [])
     if width:
-        out.append({"claim": width["claim"], "metric": "sweeps.width", "against": width["measured"],
-                    "verdict": width["verdict"], "paper": width["paper"]})
+        out.append(width)
     return out
 
 
 def provenance(results: dict[str, StageResult], versions: dict | None = None) -> dict:
-    """Versions of the software, and every stage's directory, key and settings."""
+    """Versions of the software, and every stage's directory, key, settings and hashes."""
     import numpy
     import torch
 
@@ -151,6 +198,6 @@ def provenance(results: dict[str, StageResult], versions: dict | None = None) ->
         "package_version": package_version(), "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "numpy": numpy.__version__, **(versions or {}),
         "artifacts": {name: {"dir": str(r.dir), "key": r.key, "settings": r.settings,
-                             "hashes": {k: v for k, v in r.result.items() if "hash" in k}}
+                             "hashes": {k: v for k, v in r.result.items() if "hash" in k and isinstance(v, str)}}
                       for name, r in results.items()},
     }

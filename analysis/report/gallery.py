@@ -1,33 +1,23 @@
-"""The concept gallery and the image cards of the report.
+"""The concept gallery and the image cards of the report (their data; ``templates/`` draws them).
 
-Gallery: the most used concepts (latents that the most images select), each with a description and a strip of
-its top-activating images. Cards: a few test images, each with its active concepts, its nearest training
-neighbours in code space, how many of them share each of its concepts, and the global and TTT predictions when
-the run made them. Images are thumbnails written under ``RUN_DIR/report/assets/`` (PNG) and referenced by
-relative path in ``report.json``; the page embeds them. Every label, id and name is data, escaped on the page.
+Gallery: the concepts that fire on the most images (the page says so), each with two statements that name their
+population: the label counts over *every* image that uses the concept, and over the *shown* images (its
+strongest activations), so that a description never contradicts its own images. Cards: a few test images drawn
+at random (seeded), each with its active concepts, its neighbourhood as TTT uses it (the ``n_neighbours``
+nearest training images in the embeddings, L2), how many neighbours share each of its concepts, and the global
+and TTT predictions when the run made them. Every neighbour carries its label and its cosine similarity to the
+card's image; the first ``n_shown`` are shown as thumbnails and the page states the cut. Thumbnails are PNGs
+under ``RUN_DIR/report/assets/``, referenced by relative path in ``report.json``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 THUMB = 64
-
-
-def esc(value) -> str:
-    """Any value as escaped HTML text."""
-    return html.escape(str(value), quote=True)
-
-
-def image_uri(path: Path) -> str | None:
-    """A PNG file as a data URI, or None when it is missing."""
-    if not path.is_file():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 class StoreImages:
@@ -46,7 +36,7 @@ class StoreImages:
             self.source, self.reason = None, f"images not available ({type(e).__name__}: {e})"
 
     def thumbnail(self, row: int, out_dir: Path) -> str | None:
-        """Write the thumbnail of store row ``row`` and return its file name, or None."""
+        """Write the thumbnail of store row ``row`` and return its path relative to ``out_dir``'s parent."""
         if self.source is None:
             return None
         i = self.row_of.get(self.store.ids[row])
@@ -58,113 +48,108 @@ class StoreImages:
             return None
         if max(image.size) > THUMB:
             image.thumbnail((THUMB, THUMB))
-        name = f"row{row}.png"
+        name = f"row{int(row)}.png"
         image.save(out_dir / name)
-        return name
+        return f"{out_dir.name}/{name}"
+
+
+def class_namer(classes: list[str]):
+    """Label -> class name (the label number for a label past the names)."""
+    return lambda y: classes[y] if 0 <= y < len(classes) else str(y)
+
+
+def label_counts(labels) -> dict:
+    """``{label: count}``, most common first."""
+    return dict(Counter(labels).most_common())
 
 
 def build_gallery(store, codes, out_dir: Path, n_concepts: int = 8, n_images: int = 8, namer=None,
-                  images: StoreImages | None = None) -> dict:
-    """The ``n_concepts`` most used concepts with descriptions (``analysis.concepts.naming``) and top-activating images
-    (``namer``, ``images``: built from the store when not given)."""
+                  images: StoreImages | None = None, classes: list[str] | None = None) -> dict:
+    """The ``n_concepts`` concepts that fire on the most images, each with its label counts over every image that
+    uses it and over its ``n_images`` strongest images (shown, with their labels and activations)."""
     from analysis.concepts.naming import ConceptNamer
 
+    classes = list(classes or store.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = images or StoreImages(store)
-    namer = namer or ConceptNamer(codes, store.labels, store.classes)
+    namer = namer or ConceptNamer(codes, store.labels, classes)
+    name = class_namer(classes)
     concepts = []
     for latent in np.argsort(-namer.counts, kind="stable")[:n_concepts]:
         entry = namer.describe(int(latent), n_top=n_images)
-        top = entry["top_rows"]
-        thumbs = [images.thumbnail(int(r), out_dir) for r in top]
+        shown = [{"row": int(r), "id": store.ids[int(r)], "label": name(int(store.labels[r])),
+                  "activation": float(v), "image": images.thumbnail(int(r), out_dir)}
+                 for r, v in zip(entry["top_rows"], entry["top_values"])]
         concepts.append({
             "latent": int(latent), "n_rows": entry["n_images"], "frequency": entry["frequency"],
-            "description": entry["description"], "purity": (entry["all_labels"] or {}).get("purity"),
-            "top_rows": [int(r) for r in top], "top_ids": [store.ids[int(r)] for r in top],
-            "images": [f"{out_dir.name}/{t}" if t else None for t in thumbs],
+            "all_labels": (entry["all_labels"] or {}).get("labels"),
+            "purity": (entry["all_labels"] or {}).get("purity"),
+            "shown": shown, "shown_labels": label_counts(s["label"] for s in shown),
+            "description": entry["description"], "top_rows": [s["row"] for s in shown],
+            "top_ids": [s["id"] for s in shown], "images": [s["image"] for s in shown],
         })
-    return {"concepts": concepts, "images_note": getattr(images, "reason", None)}
+    return {"concepts": concepts, "n_rows": int(codes.n), "n_images": n_images,
+            "order": f"the {len(concepts)} concepts that fire on the most images of the store, most used first",
+            "chosen": f"for each, its {n_images} images of strongest activation, strongest first",
+            "images_note": getattr(images, "reason", None)}
 
 
-def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int = 8,
-                predictions: dict | None = None, namer=None, images: StoreImages | None = None) -> dict:
-    """Image cards for store ``rows``: concepts, nearest training neighbours in code space (cosine), the concepts
-    they share, and ``predictions`` ``{"global": {row: class}, "ttt": {row: class}}`` when given."""
+def _neighbourhoods(store, rows: np.ndarray, n_neighbours: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_neighbours`` nearest training rows of each of ``rows`` in the embeddings (as TTT finds them), and
+    their cosine similarity to the row."""
+    from analysis.neighbours import NeighbourIndex
+
+    x = np.asarray(store.x, dtype=np.float32)
+    train = np.asarray(store.split["train"])
+    n = min(n_neighbours, len(train))
+    _, found = NeighbourIndex(metric=metric).fit(x, rows=train).search(x[rows], n)
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cos = np.einsum("qd,qkd->qk", unit[rows], unit[np.maximum(found, 0)])
+    return found, cos
+
+
+def build_cards(store, codes, out_dir: Path, rows: np.ndarray, n_neighbours: int = 50, n_shown: int = 16,
+                predictions: dict | None = None, namer=None, images: StoreImages | None = None,
+                classes: list[str] | None = None, metric: str = "l2", seed: int = 0) -> dict:
+    """Image cards for store ``rows`` (see the module docstring); ``predictions``: ``{"global": {row: class},
+    "ttt": {row: class}}`` when the run made them."""
     from analysis.concepts.naming import ConceptNamer
-    from analysis.neighbours import NeighbourIndex, SparseCodes
 
-    namer = namer or ConceptNamer(codes, store.labels, store.classes)
+    classes = list(classes or store.classes)
+    namer = namer or ConceptNamer(codes, store.labels, classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = images or StoreImages(store)
-    everything = SparseCodes(np.asarray(codes.values), np.asarray(codes.indices), codes.n_latents)
-    index = NeighbourIndex(metric="cosine").fit(everything, rows=np.asarray(store.split["train"]))
-    _, found = index.search(everything.take(rows), n_neighbours)
-    name = (lambda y: store.classes[y] if 0 <= y < len(store.classes) else str(y))
+    name = class_namer(classes)
+    found, cos = _neighbourhoods(store, rows, n_neighbours, metric)
     cards = []
-    for row, nbrs in zip(rows, found):
-        nbrs = [int(r) for r in nbrs if r >= 0]
+    for row, nbrs, sims in zip(rows, found, cos):
+        keep = nbrs >= 0
+        nbrs, sims = [int(r) for r in nbrs[keep]], [float(s) for s in sims[keep]]
+        nbr_sets = [set(int(i) for i, v in zip(codes.indices[r], codes.values[r]) if v > 0) for r in nbrs]
         own = [int(i) for i, v in zip(codes.indices[row], codes.values[row]) if v > 0]
-        nbr_sets = [set(int(i) for i in codes.indices[r]) for r in nbrs]
-        thumb = images.thumbnail(int(row), out_dir)
         card = {
             "row": int(row), "id": store.ids[int(row)], "label": name(int(store.labels[row])),
-            "image": f"{out_dir.name}/{thumb}" if thumb else None,
+            "image": images.thumbnail(int(row), out_dir),
             "union": len(set().union(*nbr_sets)) if nbr_sets else 0,
-            "concepts": [{"latent": k, "shared_by": sum(k in s for s in nbr_sets),
-                          "description": namer.describe(k, n_top=1)["description"]}
-                         for k in own],
-            "neighbours": [{"row": r, "label": name(int(store.labels[r])),
-                            "image": (f"{out_dir.name}/{t}" if (t := images.thumbnail(r, out_dir)) else None)}
-                           for r in nbrs],
+            "concepts": [_card_concept(namer, k, sum(k in s for s in nbr_sets)) for k in own],
+            "neighbours": [{"row": r, "id": store.ids[r], "label": name(int(store.labels[r])), "similarity": s,
+                            "image": images.thumbnail(r, out_dir) if i < n_shown else None}
+                           for i, (r, s) in enumerate(zip(nbrs, sims))],
+            "neighbour_labels": label_counts(name(int(store.labels[r])) for r in nbrs),
         }
         for kind in ("global", "ttt"):
             if predictions and int(row) in predictions.get(kind, {}):
                 card[kind] = name(int(predictions[kind][int(row)]))
         cards.append(card)
-    return {"cards": cards, "space": "codes (cosine)", "images_note": getattr(images, "reason", None)}
+    return {"cards": cards, "space": f"the embeddings ({metric.upper()}, as TTT finds them)", "n_shown": n_shown,
+            "n_neighbours": int(found.shape[1]) if found.size else 0,
+            "chosen": f"{len(cards)} test images drawn at random (seed {seed}) from the test split",
+            "images_note": getattr(images, "reason", None)}
 
 
-def _img(run_dir: Path | None, rel: str | None, alt: str, css: str = "") -> str:
-    uri = image_uri(run_dir / "report" / rel) if run_dir is not None and rel else None
-    if uri is None:
-        return f"<span class=small>[{esc(alt)}: no image]</span>"
-    cls = f" class={css}" if css else ""
-    return f'<img{cls} src="{uri}" alt="{esc(alt)}" title="{esc(alt)}">'
-
-
-def render_gallery(gallery: dict | None, run_dir: Path | None = None) -> str:
-    """The gallery as HTML (escaped)."""
-    if not gallery or not gallery.get("concepts"):
-        return "<p>No concept gallery in this run (it needs the SAE codes).</p>"
-    run_dir = Path(gallery["run_dir"]) if gallery.get("run_dir") else run_dir
-    rows = []
-    for c in gallery["concepts"]:
-        thumbs = "".join(_img(run_dir, rel, f"row {r}: {i}")
-                         for rel, r, i in zip(c["images"], c["top_rows"], c["top_ids"]))
-        rows.append(f"<tr><td>concept {c['latent']}</td><td>{esc(c['description'])}</td>"
-                    f"<td class=num>{100 * c['frequency']:.1f}% ({c['n_rows']})</td><td class=thumbs>{thumbs}</td></tr>")
-    note = f"<p class=small>{esc(gallery['images_note'])}</p>" if gallery.get("images_note") else ""
-    return (f"{note}<table id=gallery><tr><th>Concept</th><th>Description</th><th>Used by</th>"
-            f"<th>Top-activating images</th></tr>{''.join(rows)}</table>")
-
-
-def render_cards(cards: dict | None, run_dir: Path | None = None) -> str:
-    """The image cards as HTML (escaped)."""
-    if not cards or not cards.get("cards"):
-        return "<p>No image cards in this run (they need the SAE codes).</p>"
-    run_dir = Path(cards["run_dir"]) if cards.get("run_dir") else run_dir
-    out = []
-    for c in cards["cards"]:
-        concepts = "".join(f"<li><b>{k['shared_by']}/{len(c['neighbours'])}</b> neighbours share concept {k['latent']} "
-                           f"<span class=small>({esc(k['description'].split(';')[0])})</span></li>"
-                           for k in c["concepts"])
-        neighbours = "".join(_img(run_dir, n["image"], f"row {n['row']}: {n['label']}") for n in c["neighbours"])
-        pred = (f"global: <b>{esc(c['global'])}</b>, TTT: <b>{esc(c['ttt'])}</b>" if c.get("ttt") is not None
-                else "predictions: not made in this run")
-        out.append(f"<div class=card><div class=cardhead>{_img(run_dir, c['image'], c['id'], 'query')}<div>image "
-                   f"<b>{esc(c['id'])}</b><br>label <b>{esc(c['label'])}</b><br>{pred}<br><span class=small>"
-                   f"{len(c['neighbours'])} nearest training neighbours use {c['union']} distinct concepts</span>"
-                   f"</div></div><ul>{concepts}</ul><div class=thumbs>{neighbours}</div></div>")
-    note = (f"<p class=small>Neighbours on the cards are the nearest training images in {esc(cards.get('space'))}; "
-            f"{esc(cards.get('predictions_note') or 'no predictions were made for them in this run')}.</p>")
-    return f"{note}<div class=cards>{''.join(out)}</div>"
+def _card_concept(namer, latent: int, shared_by: int) -> dict:
+    """One concept of a card: how many neighbours share it, and who uses it over the whole store."""
+    entry = namer.describe(latent, n_top=0)
+    every = entry["all_labels"] or {}
+    return {"latent": latent, "shared_by": shared_by, "n_rows": entry["n_images"], "frequency": entry["frequency"],
+            "top_label": every.get("top_label"), "purity": every.get("purity")}

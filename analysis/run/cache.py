@@ -99,6 +99,7 @@ class StageCache:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.results: dict[str, StageResult] = {}
+        remove_leftovers(self.run_dir)  # beside report.json and report.html
         remove_leftovers(self.records_dir)
         for record in sorted(self.records_dir.glob("*.next.json")):
             self._install(record.name[: -len(".next.json")])  # a replacement a kill interrupted
@@ -266,8 +267,9 @@ def _tampered(record: dict, out_dir: Path) -> str | None:
     return None
 
 
-def remove_leftovers(directory: Path) -> None:
-    """Delete the temporary files an atomic write killed mid-way left in ``directory`` (``.NAME.tmp-PID``)."""
-    for path in directory.glob(".*.tmp-*"):
-        if path.is_file():
+def remove_leftovers(directory: Path, recursive: bool = False) -> None:
+    """Delete the temporary files an atomic write killed mid-way left in ``directory`` (``.NAME.tmp-PID``), and in
+    its subfolders when ``recursive``: a folder about to be committed must never carry them."""
+    for path in (directory.rglob if recursive else directory.glob)(".*.tmp-*"):
+        if path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)

@@ -57,11 +57,12 @@ def cnn_stage(data: dict, width: int, epochs: int, seed: int, device: str) -> St
 
 def store_stage(source: str, kind: str, seed: int, device: str, backbone: str = "digits-cnn",
                 weights: str | None = None, parents: tuple[str, ...] = ("backbone",), batch_size: int = 64,
-                progress: bool = False) -> Stage:
+                progress: bool = False, source_key: dict | None = None) -> Stage:
     """Extract the embeddings of ``source`` with ``backbone``; the weights are the ``backbone`` stage's CNN when
-    ``weights`` is None (and the stage's key then follows the CNN's)."""
+    ``weights`` is None (and the stage's key then follows the CNN's). ``source_key``: what the source holds (a
+    folder's fingerprint), so that new contents at the same path change the key."""
     settings = {"source": source, "kind": kind, "seed": seed, "backbone": backbone, "batch_size": batch_size,
-                "weights": weights, "weights_sha256": _file_sha(weights)}
+                "weights": weights, "weights_sha256": _file_sha(weights), "source_contents": source_key}
 
     def run(out_dir: Path, done: dict) -> dict:
         w = str(done["backbone"].dir) if weights is None else weights

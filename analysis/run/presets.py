@@ -13,8 +13,8 @@ Every stage is cached in ``RUN_DIR`` by ``analysis.run.cache.StageCache``; the r
 
 from __future__ import annotations
 
+import json
 import math
-import sys
 import time
 import traceback
 import warnings
@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from analysis.run.chain import cnn_stage, codes_stage, imported_sae_stage, sae_stage, store_stage
+from analysis.progress import bars_wanted, set_progress
 from analysis.run.cache import StageCache
 from analysis.ttt.scaling import WidthSweepConfig
 from analysis.run.rundir import close_run_dir, open_run_dir
 from analysis.run.study_stages import check_study_settings, chain_study_stage, theory_stage, width_stage
-from artifacts import ArtifactError
+from artifacts import ArtifactError, write_json
+from artifacts.flags import SETTINGS_FILE
 
 PRESETS = ("digits", "mnist", "imagenet-clip", "theory")
 IMAGENET_ONLY = ("backbone", "weights", "sae")
@@ -118,12 +120,16 @@ def _study_settings(config: ImageStudyConfig) -> dict:
 def _chain(preset: str, config: ImageStudyConfig, data: dict | None, device: str) -> list:
     """The backbone → store → SAE → codes stages of an image preset (progress bars when stderr is a terminal);
     ``data``: the CNN data set (``_cnn_data``), None for imagenet-clip."""
-    bars = sys.stderr.isatty()
+    bars = bars_wanted()
     sae = sae_stage(config.sae_n_latents, config.sae_k, config.sae_epochs, config.seed, device, progress=bars)
     if preset == "imagenet-clip":
+        from embeddings.fingerprints import folder_fingerprint
+
+        # The folder's contents (every file's path, size and modification time, or SHA-256 on small folders) are
+        # part of the key: images added or replaced in the same folder rerun the chain.
         store = store_stage(str(Path(config.data).resolve()), "imagenet", config.seed, device,
                             backbone=config.backbone, weights=config.weights, parents=(), batch_size=64,
-                            progress=bars)
+                            progress=bars, source_key=folder_fingerprint(config.data))
         return [store, imported_sae_stage(config.sae) if config.sae else sae, codes_stage(device)]
     source, kind = ("digits", "digits") if preset == "digits" else (data["dir"], "idx")
     return [cnn_stage(data, config.cnn_width, config.cnn_epochs, config.seed, device),
@@ -215,6 +221,16 @@ SMALL_PRESETS = ("digits", "mnist", "theory")
 op; on two shared cores we measured an SAE run 15x slower (90 s against 6 s for 20 epochs on the digits)."""
 
 
+def run_settings(preset: str, config, device: str, threads: int | None) -> dict:
+    """Every setting of a run, resolved (a preset default as the value it takes), keyed as ``reproduce.py``'s
+    flags, so that the file ``--config`` reads repeats the run."""
+    resolved = dict(settings_of(config, preset))
+    study = resolved.pop("study", None) or {}
+    resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    return {"preset": preset, "device": device, "threads": threads, **resolved,
+            "study_set": [f"{k}={json.dumps(v)}" for k, v in sorted(study.items())]}
+
+
 def check_run(preset: str, config, device: str, threads: int | None) -> None:
     """Every setting checked before the run directory is touched: the device, the thread count and the studies'
     own settings (``--study-set``)."""
@@ -242,7 +258,7 @@ def check_neighbourhood(cache: StageCache, config: ImageStudyConfig) -> None:
 
 
 def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, threads: int | None = None,
-              **settings) -> dict:
+              show_progress: bool = True, **settings) -> dict:
     """Run (or finish) ``preset`` into ``out_dir`` and write its report; returns ``report.json``'s content.
 
     ``threads``: torch CPU threads for the run; ``None``: one for the small presets, torch's default otherwise.
@@ -256,6 +272,12 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
     config = preset_config(preset, **settings)
     check_run(preset, config, device, threads)
     out_dir = open_run_dir(out_dir, preset)
+    try:
+        write_json(out_dir / SETTINGS_FILE, run_settings(preset, config, device, threads))
+    except BaseException:
+        close_run_dir(out_dir)
+        raise
+    set_progress(None if show_progress else False)
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     if threads is not None or preset in SMALL_PRESETS:

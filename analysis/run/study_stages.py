@@ -123,7 +123,7 @@ def chain_study_stage(name: str, overrides: dict, device: str):
             shutil.rmtree(extra["cache_dir"], ignore_errors=True)
         return finished
 
-    return Stage(name, _jsonable_config(config), run, parents=("store", "sae", "codes"))
+    return Stage(name, _jsonable_config(config), run, parents=("store", "sae", "codes"), version=2)
 
 
 def theory_stage(overrides: dict):
@@ -137,7 +137,7 @@ def theory_stage(overrides: dict):
         with building(out_dir) as work:
             return _finish(func(config, work), work)
 
-    return Stage("theory", _jsonable_config(config), run)
+    return Stage("theory", _jsonable_config(config), run, version=2)
 
 
 def width_stage(data: dict, config, device: str, log=print):
@@ -155,4 +155,4 @@ def width_stage(data: dict, config, device: str, log=print):
             write_json(work / "result.json", result)
         return {"metrics": {"sweeps": {"width": result["rows"]}}}
 
-    return Stage("width", {"data": data, **asdict(config)}, run, version=2)
+    return Stage("width", {"data": data, **asdict(config)}, run, version=3)

@@ -14,9 +14,13 @@ import numpy as np  # noqa: E402
 
 from analysis.theory.model import ConceptModelConfig, global_error_claim  # noqa: E402
 from analysis.figures import save_figure  # noqa: E402
+from analysis.palette import colour  # noqa: E402
 
-STYLE = {"global": ("global head", "C0", "o"), "ttt": ("local TTT (paper: 50 steps)", "C3", "s"),
-         "knn": ("kNN mean", "C2", "^"), "ttt_converged": ("local ERM, converged", "C1", "D")}
+STYLE = {"global": ("global head", colour("global"), "s"),
+         "ttt": ("local TTT (paper: 50 steps)", colour("ttt"), "o"),
+         "knn": ("kNN mean", colour("knn"), "^"),
+         "ttt_converged": ("local ERM, converged", colour("ttt_converged"), "D")}
+"""Label, colour (``analysis.palette``: the same as in every other figure) and marker of each method."""
 TITLES = {"locally_sparse": "locally sparse (semantic clusters)", "isotropic": "isotropic supports"}
 
 
@@ -36,10 +40,11 @@ def plot_d2(sweeps: dict, m: ConceptModelConfig, path: Path) -> str:
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), sharey=True)
     for ax, (name, rows) in zip(np.atleast_1d(axes), sweeps.items()):
         grid = np.linspace(min(r["d2"] for r in rows), m.d1, 200)
-        ax.plot(grid, [global_error_claim(m.d1, d) for d in grid], "k--", linewidth=1, label="paper: 1 − d2/d1")
+        ax.plot(grid, [global_error_claim(m.d1, d) for d in grid], "--", color=colour("paper"), linewidth=1,
+                label="paper: 1 − d2/d1")
         if all("population" in r for r in rows):
-            ax.plot([r["d2"] for r in rows], [r["population"]["value"] for r in rows], color="grey", linestyle=":",
-                    marker=".", label="exact best linear (per draw)")
+            ax.plot([r["d2"] for r in rows], [r["population"]["value"] for r in rows], color=colour("bound"),
+                    linestyle=":", marker=".", label="exact best linear (per draw)")
         _series(ax, rows, "d2")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"feature width d2 (d1 = {m.d1} concepts, s = {m.s})")
@@ -64,19 +69,20 @@ def plot_neighbours(sweeps: dict, m: ConceptModelConfig, path: Path) -> str:
             label, color, marker = STYLE[key]
             ax.errorbar(ks, [r[key]["value"] for r in rows], yerr=[r[key]["se"] or 0.0 for r in rows],
                         color=color, marker=marker, linestyle=dash, capsize=3, label=f"{label}, {TITLES[name]}")
-        ax.axhline(rows[0]["global"]["value"], color="C0", linestyle=dash, linewidth=1,
+        ax.axhline(rows[0]["global"]["value"], color=colour("global"), linestyle=dash, linewidth=1,
                    label=f"global head, {TITLES[name]}")
     rows = sweeps["locally_sparse"]
     ks = np.array([r["n_neighbours"] for r in rows], dtype=float)
-    ax.plot(ks, m.noise ** 2 * m.s * math.log(m.d1 / m.s) / ks, "k:", label="σ² s log(d1/s) / n_neighbours")
-    ax.axvline(m.n_train / m.n_clusters, color="grey", linewidth=0.8)
-    ax.text(m.n_train / m.n_clusters, ax.get_ylim()[1], " cluster size", va="top", fontsize=8, color="grey")
+    ax.plot(ks, m.noise ** 2 * m.s * math.log(m.d1 / m.s) / ks, ":", color=colour("paper"),
+            label="σ² s log(d1/s) / n_neighbours")
+    ax.axvline(m.n_train / m.n_clusters, color=colour("bound"), linewidth=0.8)
+    ax.text(m.n_train / m.n_clusters, ax.get_ylim()[1], " cluster size", va="top", fontsize=8, color=colour("bound"))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("n_neighbours")
     ax.set_ylabel("test error")
     ax.set_title(f"TTT error against neighbourhood size (d2 = {m.d2}, d1 = {m.d1}, s = {m.s}, σ = {m.noise})")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, which="both")
     return save_figure(fig, path)
 
@@ -94,7 +100,8 @@ def plot_regimes(regimes: dict, m: ConceptModelConfig, path: Path) -> str:
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels([f"{TITLES[n]}\nunion of concepts over a neighbourhood: {regimes[n]['union']['value']:.0f}"
                         for n in names], fontsize=8)
-    ax.axhline(global_error_claim(m.d1, m.d2), color="k", linestyle="--", linewidth=1, label="paper: 1 − d2/d1")
+    ax.axhline(global_error_claim(m.d1, m.d2), color=colour("paper"), linestyle="--", linewidth=1,
+               label="paper: 1 − d2/d1")
     ax.set_ylabel("test error")
     ax.set_title(f"Isotropic vs locally sparse concepts (d2 = {m.d2}, d1 = {m.d1}, s = {m.s})")
     ax.legend(fontsize=8)

@@ -20,7 +20,7 @@ import torch
 
 from analysis.neighbourhoods import neighbourhood_stats
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.stats import measure, paired_difference
+from analysis.stats import accuracy, measure, paired_difference
 from analysis.theory.model import ConceptModel, ConceptModelConfig
 from sae.checkpoint import load_sae
 from sae.config import SAEConfig
@@ -104,9 +104,9 @@ def sae_ground_truth(config: ConceptModelConfig, check: SAECheckConfig, work_dir
     true_stats = neighbourhood_stats(train.concepts, nb)
     learned_stats = neighbourhood_stats(sae_codes(sae, train.x), nb)
     out = {
-        "recovered_fraction": measure(best >= check.threshold, "concepts occurring in the training sample"),
+        "recovered_fraction": accuracy(best >= check.threshold, "concepts occurring in the training sample"),
         "matched_cosine": measure(best, "best cosine of a decoder row with the concept's column of A"),
-        "control_recovered_fraction": measure(control >= check.threshold, "random unit rows instead of the decoder"),
+        "control_recovered_fraction": accuracy(control >= check.threshold, "random unit rows instead of the decoder"),
         "n_latents": int(decoder.shape[0]),
     }
     for name in ("union", "jaccard"):

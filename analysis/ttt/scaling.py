@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from analysis.progress import progress
 from analysis.stats import accuracy, paired_difference
 
 
@@ -86,9 +87,12 @@ def width_point(width: int, images, labels, split, config: WidthSweepConfig, dev
 def width_sweep(images, labels, split, config: WidthSweepConfig, device: str = "cpu", log=print) -> dict:
     """Every width of ``config``: the rows (the report draws them, ``analysis.report.plots.plot_width``)."""
     rows = []
+    bar = progress("width", len(config.widths), "widths")
     for width in config.widths:
+        bar.step(f"width {width}: CNN, store and TTT")
         row = width_point(width, images, labels, split, config, device)
         log(f"  width {width:>3} ({row['n_features']:>4} features): global {row['global_acc']['value']:.4f}, "
             f"TTT {row['ttt_acc']['value']:.4f}, gain {row['gain']['value']:+.4f} ± {row['gain']['se']:.4f}")
         rows.append(row)
+    bar.close()
     return {"rows": rows, "config": asdict(config)}

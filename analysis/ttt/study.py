@@ -27,8 +27,9 @@ from analysis.ttt import plots as ttt_plots
 from analysis.heads import HeadConfig, head_features, load_head, predict_head, save_head, train_head
 from analysis.ttt.masks import MaskConfig, agreement, masked_ttt, union_problems, update_concentration
 from analysis.parents import check_codes, inputs_hash
+from analysis.progress import progress
 from analysis.spaces import all_codes, make_space
-from analysis.stats import accuracy, measure, paired_difference
+from analysis.stats import accuracy, mean_of_proportions, measure, paired_difference
 from analysis.local_ttt import LocalTTT, TTTConfig, run_local, take_rows, top_distribution
 from analysis.ttt.chunks import evaluate
 from artifacts import ArtifactError
@@ -162,27 +163,35 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
     check_finite(x_train, data.train, f"the {config.space} of store {store.store_dir}")
     inputs = inputs_hash(store, sae, codes)
     cache_dir = None if cache_dir is None else keyed_cache(Path(cache_dir), inputs, config, ranks)
+    n_steps = 3 + len(config.sweep_neighbours) + len(config.sweep_train_fractions) + (codes is not None)
+    bar = progress("ttt", n_steps, "steps")
+    bar.step("global head")
     head = _global_head(x_train, y_train, int(data.labels.max()) + 1, config, cache_dir, ranks)
+    bar.step(f"main evaluation of {len(data.test)} queries")
     ttt = LocalTTT(head, config.ttt(), device=config.device, memory_bytes=config.memory_mb << 20).fit(x_train, y_train)
     result = evaluate(ttt, x_test, chunk_size=config.chunk_size, chunk_dir=None if cache_dir is None else cache_dir / "main",
                       ranks=ranks, log=log, fingerprint={"config": dataclasses.asdict(config), "inputs": inputs})
     if not ranks.is_main:
+        bar.close()
         return {}
     out_dir = Path(out_dir or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     where = f"{config.space}, {len(data.test)} test queries, {config.n_neighbours} neighbours"
     summary = _main_measures(result, y_test, where)
+    bar.step("locality")
     summary["locality"] = locality(ttt, x_test, y_test, result.neighbours, config)
-    report = {"ttt": summary, "sharing": {}, "sweeps": sweeps(head, x_train, space, data, config)}
+    report = {"ttt": summary, "sharing": {}, "sweeps": sweeps(head, x_train, space, data, config, bar)}
     plots = {"ttt_accuracy": ttt_plots.accuracy_bars(
         {"global": summary["global_acc"], "TTT": summary["ttt_acc"], "kNN majority": summary["majority_acc"]},
-        out_dir / "ttt_accuracy.png", f"TTT on {config.space}"),
+        out_dir / "ttt_accuracy.png", f"TTT on {config.space}",
+        {"TTT − global head": summary["gain"], "TTT − kNN majority vote": summary["gain_over_majority"]}),
         "ttt_locality": ttt_plots.locality_bars(summary["locality"], out_dir / "ttt_locality.png"),
         "ttt_n_neighbours": ttt_plots.sweep_curve(report["sweeps"]["n_neighbours"], "n_neighbours",
                                                   out_dir / "ttt_n_neighbours.png", "neighbours", log_x=True),
         "ttt_train_size": ttt_plots.sweep_curve(report["sweeps"]["train_size"], "n_train",
                                                 out_dir / "ttt_train_size.png", "training rows", log_x=True)}
     if sae is not None and codes is not None:
+        bar.step("masks and agreement")
         concepts = concept_analyses(store, sae, codes, data, config)
         report["masks"] = concepts["masks"]
         report["sharing"]["mask_concepts_mean"] = concepts["masks"]["learned"]["kept"]
@@ -193,6 +202,7 @@ def ttt_study(store, sae, codes, config: TTTStudyConfig | None = None, out_dir: 
         plots["ttt_masks"] = ttt_plots.mask_histogram(concepts["kept"], concepts["union"], out_dir / "ttt_masks.png",
                                                       config.mask_lambda)
     report["plots"] = plots
+    bar.close()
     return report
 
 
@@ -272,12 +282,15 @@ def locality(ttt: LocalTTT, x_test, y_test: np.ndarray, neighbours: np.ndarray, 
         whole.append((torch.matmul(x_eval, W.transpose(1, 2)) + b[:, None]).argmax(2).eq(y_eval).float().mean(1).cpu())
     where = f"{queries.size} TTT heads, each on "
     global_ok = predict_head(ttt.head, x_evals) == y_test[evals]
-    return {"own_neighbourhood_acc": measure(torch.cat(own).numpy(), where + "its own neighbourhood"),
-            "whole_test_acc": measure(torch.cat(whole).numpy(), where + f"{evals.size} test rows"),
+    own, whole = torch.cat(own).numpy(), torch.cat(whole).numpy()
+    return {"own_neighbourhood_acc": mean_of_proportions(own, where + "its own neighbourhood", neighbours.shape[1]),
+            "whole_test_acc": mean_of_proportions(whole, where + f"{evals.size} test rows", evals.size),
+            "specialisation": paired_difference(own, whole, where + "its own neighbourhood minus the test rows",
+                                                proportions=True),
             "global_whole_test_acc": accuracy(global_ok, f"global head on the same {evals.size} test rows")}
 
 
-def sweeps(head, x_train, space, data: _Data, config: TTTStudyConfig) -> dict:
+def sweeps(head, x_train, space, data: _Data, config: TTTStudyConfig, bar=None) -> dict:
     """Accuracy against the neighbourhood size (with the main global ``head`` on ``x_train``, the features of
     ``data.train`` in ``space``) and against the number of training rows (a global head for each)."""
     queries = _sample(np.arange(data.test.size), config.n_sweep_queries, config.seed + 2)
@@ -286,6 +299,8 @@ def sweeps(head, x_train, space, data: _Data, config: TTTStudyConfig) -> dict:
     n_out = int(data.labels.max()) + 1
     by_size = []
     for k in sorted({k for k in config.sweep_neighbours if k < data.train.size}):
+        if bar is not None:
+            bar.step(f"sweep: {k} neighbours")
         ttt = LocalTTT(head, config.ttt(n_neighbours=k), device=config.device, memory_bytes=config.memory_mb << 20)
         r = ttt.fit(x_train, y_train).predict(x_q)
         by_size.append({"n_neighbours": k, **_row(r, y_q, f"{k} neighbours, {queries.size} queries")})
@@ -293,6 +308,8 @@ def sweeps(head, x_train, space, data: _Data, config: TTTStudyConfig) -> dict:
     rng = np.random.default_rng(config.seed + 3)
     for frac in sorted(set(config.sweep_train_fractions)):
         sub = np.sort(rng.choice(data.train.size, max(config.n_neighbours + 1, int(frac * data.train.size)), replace=False))
+        if bar is not None:
+            bar.step(f"sweep: {sub.size} training rows")
         sub_x = space.queries(data.train[sub])
         h = train_head(sub_x, y_train[sub], config.head_config(), n_outputs=n_out, device=config.device)
         ttt = LocalTTT(h, config.ttt(), device=config.device, memory_bytes=config.memory_mb << 20)
