@@ -73,9 +73,10 @@ def _flag_kwargs(hint) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, *, exclude=(), defaults: dict | None = None,
-                     default_text: dict | None = None) -> list[str]:
+                     default_text: dict | None = None, names: dict | None = None) -> list[str]:
     """Add a flag for every field of ``cls`` but ``exclude``; returns the fields added. ``defaults`` replaces a
-    field's default (``None`` for "the preset decides"); ``default_text`` says in words what a default is."""
+    field's default (``None`` for "the preset decides"); ``default_text`` says in words what a default is;
+    ``names`` gives a field the flag name every script uses for that idea (``out_dir`` is ``--out``)."""
     docs, types_ = field_docs(cls), field_types(cls)
     added = []
     for f in dataclasses.fields(cls):
@@ -86,11 +87,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, exclude=(), defaul
             default = defaults[f.name]
         elif f.default is not dataclasses.MISSING:
             default = f.default
-        else:
+        elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
+        else:
+            raise ValueError(f"{cls.__name__}.{f.name} has no default: give one in defaults=")
         shown = (default_text or {}).get(f.name, _shown(default))
         text = _help_text(docs.get(f.name, "")).replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+        flag = (names or {}).get(f.name, f.name)
+        parser.add_argument("--" + flag.replace("_", "-"), dest=f.name, default=default,
                             help=f"{text} (default: {shown})", **_flag_kwargs(hint))
         added.append(f.name)
     return added
@@ -140,12 +144,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     path = getattr(first, CONFIG_FLAG, None)
     if path is not None:
         actions = {a.dest: a for a in parser._actions if a.dest not in NOT_SETTINGS}
-        given = {str(k).replace("-", "_"): v for k, v in read_config_file(path).items()}
+        aliases = {s.lstrip("-").replace("-", "_"): a.dest for a in actions.values() for s in a.option_strings
+                   if s.startswith("--") and not s.startswith("--no-")}
+        given = {}
+        for key, value in read_config_file(path).items():
+            name = str(key).replace("-", "_")
+            given[aliases.get(name, name)] = value
         unknown = sorted(set(given) - set(actions))
         if unknown:
             raise ValueError(f"--config {path}: no such setting {', '.join(unknown)}; the settings are "
                              f"{', '.join(sorted(actions))}")
         parser.set_defaults(**{k: _file_value(actions[k], v, f"--config {path}: {k}") for k, v in given.items()})
+        for dest in given:
+            actions[dest].required = False  # the file gives it
     args = parser.parse_args(argv)
     for name, value in vars(args).items():  # nargs flags give lists; the configs hold tuples
         if isinstance(value, list):

@@ -12,43 +12,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import fields
 
 from artifacts.cli import run_main
+from artifacts.flags import SETTINGS_FILE, add_config_file_flag, add_config_flags, parse_args, write_settings
 
-DTYPES = ("float32", "float16")
+def parser() -> argparse.ArgumentParser:
+    from embeddings.extract_config import ExtractConfig, ExtractRun
 
-
-def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="digits", help="digits, an image folder, or a .txt/.csv file list")
-    p.add_argument("--kind", default="auto", help="how to read --source (default: guessed)")
-    p.add_argument("--backbone", default=None, help="digits-cnn or a timm model name (default: digits-cnn for digits)")
-    p.add_argument("--weights", default=None, help="hub, random, or a local weights file / trained CNN directory")
-    p.add_argument("--output", default="auto", choices=["auto", "head", "pre_logits"])
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="L2-normalise embeddings (default: the backbone's own choice, on for CLIP)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the source's split")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of each label held out as val (default: digits 0.2, folders and lists no split)")
-    p.add_argument("--test-fraction", type=float, default=None, help="share of each label held out as test")
-    p.add_argument("--out", required=True, help="store directory to write")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="decode worker processes; 0: decode in this process on threads (default: from CPUs and device)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the forward pass")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    p.add_argument("--chunk-size", type=int, default=1024, help="rows per resumable chunk (a multiple of --batch-size)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a different store at --out (only ever an artifact of this toolkit), or a partial "
-                        "extraction made with other settings")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    add_config_flags(p, ExtractConfig, defaults={"source": "digits", "backbone": None, "weights": None},
+                     default_text={"backbone": "digits-cnn for digits, else required",
+                                   "weights": "hub, or a trained CNN directory for digits-cnn"})
+    add_config_flags(p, ExtractRun, exclude=("out_dir",), names={"n_threads": "threads"},
+                     default_text={"num_workers": "from the CPUs and the device", "n_threads": "torch's own"})
+    p.add_argument("--out", dest="out_dir", required=True, help="store directory to write")
+    add_config_file_flag(p)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     backbone = args.backbone
     if backbone is None:
@@ -66,17 +50,12 @@ def main(argv=None) -> int:
     # Imported after the argument checks, so that a usage error answers at once, without loading torch.
     from embeddings.extract import ExtractConfig, ExtractRun, extract
 
-    config = ExtractConfig(
-        source=args.source, kind=args.kind, backbone=backbone, weights=weights, output=args.output,
-        normalize=args.normalize, dtype=args.dtype, batch_size=args.batch_size, seed=args.seed,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-    )
-    run = ExtractRun(
-        out_dir=args.out, device=args.device, num_workers=args.num_workers, bf16=args.bf16,
-        chunk_size=args.chunk_size, overwrite=args.overwrite, n_threads=args.threads, progress=not args.no_progress,
-    )
+    config = ExtractConfig(**{f.name: getattr(args, f.name) for f in fields(ExtractConfig)}
+                           | {"backbone": backbone, "weights": weights})
+    run = ExtractRun(**{f.name: getattr(args, f.name) for f in fields(ExtractRun)})
     store = extract(config, run)
     if int(os.environ.get("RANK", "0")) == 0:
+        write_settings(store.store_dir / SETTINGS_FILE, args)  # --config of it extracts again
         rate = store.meta.get("images_per_s")
         print(f"store: {store.store_dir}")
         print(

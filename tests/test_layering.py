@@ -121,3 +121,35 @@ def test_analysis_core_and_studies_import_in_one_direction():
                 continue
             violations.append(f"{path.relative_to(ROOT)} ({here}) imports {name} ({there})")
     assert not violations, "analysis layering broken:\n" + "\n".join(violations)
+
+
+def test_no_import_cycles_between_files():
+    graph = {}
+    for package in ("artifacts", "embeddings", "sae", "analysis"):
+        for path in (ROOT / package).rglob("*.py"):
+            graph[module_name(path)] = {m for m in imported_modules(path) if m != module_name(path)}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert len(graph) > 20
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_file_over_400_lines():
+    long = [f"{p.relative_to(ROOT)}: {n}" for package in ("artifacts", "embeddings", "sae", "analysis", "scripts")
+            for p in sorted((ROOT / package).rglob("*.py")) if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, "files over 400 lines:\n" + "\n".join(long)
