@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from analysis.neighbours import SparseCodes
 from artifacts import (
     SCHEMA_VERSION, ArtifactError, begin_dir, commit_dir, package_version, read_json, sha256_file, write_json,
 )
+from artifacts.weights import load_checked
 
 KINDS = ("linear", "mlp")
 TASKS = ("classification", "regression")
@@ -255,10 +256,13 @@ def load_head(head_dir: str | os.PathLike, device: str = "cpu") -> Head:
     head_dir = Path(head_dir)
     if not (head_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(f"no head at {head_dir} ({WEIGHTS_FILE} missing); train one with scripts/ttt.py")
-    cfg = read_json(head_dir / "config.json")
-    head = Head(HeadConfig(**cfg["head"]), cfg["n_inputs"], cfg["n_outputs"])
-    try:
-        head.load_state_dict(load_file(str(head_dir / WEIGHTS_FILE)), strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{head_dir / WEIGHTS_FILE} does not match its config.json ({e})") from e
+    hint = f"delete {head_dir} and run again: the head is retrained"
+    cfg = read_json(head_dir / "config.json", expect=dict, hint=hint)
+
+    def build() -> Head:
+        if not isinstance(cfg.get("head"), dict):
+            raise TypeError("'head' must be an object of HeadConfig fields")
+        return Head(HeadConfig(**cfg["head"]), int(cfg["n_inputs"]), int(cfg["n_outputs"]))
+
+    head = load_checked(build, head_dir / WEIGHTS_FILE, head_dir / "config.json", hint)
     return head.to(device).eval()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torchvision import transforms
 
@@ -38,6 +38,7 @@ from artifacts import (
     sha256_file,
     write_json,
 )
+from artifacts.weights import load_checked
 
 ARCHITECTURE = "digits-cnn"
 """The name under which ``load_backbone`` knows this family."""
@@ -349,18 +350,12 @@ def load_cnn(cnn_dir: str | Path, device: str = "cpu") -> DigitsCNN:
     hint = f"train one with `python scripts/train_backbone.py --out {cnn_dir}`"
     if not (cnn_dir / "config.json").is_file() or not (cnn_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(f"no digits CNN at {path} (it needs config.json and {WEIGHTS_FILE}); {hint}")
-    config = read_json(cnn_dir / "config.json")
+    config = read_json(cnn_dir / "config.json", expect=dict, hint=hint)
     if config.get("architecture") != ARCHITECTURE:
         raise ArtifactError(f"{cnn_dir}/config.json describes {config.get('architecture')!r}, not {ARCHITECTURE!r}")
-    model = DigitsCNN(CNNConfig(**config["model"]))
-    state = load_file(str(cnn_dir / WEIGHTS_FILE))
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # tensor shapes differ from what config.json builds
-        raise ArtifactError(f"{cnn_dir / WEIGHTS_FILE} does not match its config.json ({e}); {hint}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ArtifactError(
-            f"{cnn_dir / WEIGHTS_FILE} does not match its config.json: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}; {hint}"
-        )
+    model_config = config.get("model")
+    if not isinstance(model_config, dict):
+        raise ArtifactError(f"{cnn_dir / 'config.json'}: 'model' must be an object of CNNConfig fields; {hint}")
+    model = load_checked(lambda: DigitsCNN(CNNConfig(**model_config)), cnn_dir / WEIGHTS_FILE,
+                         cnn_dir / "config.json", hint)
     return model.to(device).eval().requires_grad_(False)

@@ -32,6 +32,7 @@ from artifacts import (
     package_version,
     read_json,
     sha256_file,
+    check_npy,
     torch_load_refusal,
     write_json,
     write_npy,
@@ -126,7 +127,14 @@ def read_sae_config(sae_dir: str | os.PathLike) -> SAEConfig:
 def read_latent_frequency(sae_dir: str | os.PathLike) -> np.ndarray | None:
     """The per-latent firing frequency ``(n_latents,)`` saved with an SAE, or ``None`` when it has none."""
     path = Path(sae_dir) / FREQUENCY_FILE
-    return np.load(path, allow_pickle=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    hint = "retrain the SAE or import it again"
+    shape, _ = check_npy(path, hint, kinds="f", ndim=1)
+    frequency = np.load(path, allow_pickle=False)
+    if not (np.isfinite(frequency).all() and (frequency >= 0).all() and (frequency <= 1).all()):
+        raise ArtifactError(f"{path} holds values outside [0, 1]: not firing frequencies; {hint}")
+    return frequency
 
 
 def read_provenance(sae_dir: str | os.PathLike) -> dict | None:

@@ -26,7 +26,11 @@ from artifacts import ArtifactError
 from embeddings.idx import IdxSource, read_idx, write_idx
 from embeddings.store import EmbeddingStore, write_store
 from embeddings.store_files import rebuild_hint
-from sae.checkpoint import load_sae, save_sae
+from analysis.heads import HeadConfig, load_head, save_head, train_head
+from analysis.local_ttt import LocalTTT, TTTConfig
+from analysis.ttt.chunks import evaluate
+from embeddings.cnn import CNNConfig, DigitsCNN, load_cnn, save_cnn
+from sae.checkpoint import load_sae, read_latent_frequency, save_sae
 from sae.codes import CodeStore, encode_array
 from sae.config import SAEConfig
 from sae.model import TopKSAE
@@ -35,12 +39,24 @@ FILES = {
     "store": ["embeddings.npy", "labels.npy", "ids.json", "classes.json", "split.npz", "skipped.json", "config.json",
               "meta.json"],
     "codes": ["indices.npy", "values.npy", "inv_indptr.npy", "inv_rows.npy", "config.json", "meta.json"],
-    "sae": ["sae.safetensors", "config.json", "meta.json"],
+    "sae": ["sae.safetensors", "config.json", "meta.json", "latent_frequency.npy"],
+    "cnn": ["model.safetensors", "config.json", "meta.json"],
+    "head": ["head.safetensors", "config.json", "meta.json"],
+    "chunks": ["chunk_000000.npz", "chunk_000001.npz", "chunks.json"],
     "idx": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte.gz",
             "t10k-labels-idx1-ubyte"],
 }
 DAMAGES = ["truncate", "flip", "append", "dtype", "shape", "json_type", "json_value"]
 OTHER_JSON = [None, True, 7, -1.5, "text", [], [1, "a"], {}, {"a": None}]
+
+
+CHUNK_X = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+CHUNK_Y = np.arange(5) % 2
+
+
+def _chunk_ttt() -> LocalTTT:
+    head = train_head(CHUNK_X, CHUNK_Y, HeadConfig(epochs=1, batch_size=5))
+    return LocalTTT(head, TTTConfig(n_neighbours=2, steps=1)).fit(CHUNK_X, CHUNK_Y)
 
 
 def _readers(kind: str, art: Path, name: str):
@@ -50,7 +66,13 @@ def _readers(kind: str, art: Path, name: str):
     if kind == "codes":
         return [lambda: CodeStore.open(art)]
     if kind == "sae":
-        return [lambda: load_sae(art), lambda: load_sae(art, verify_hash=False)]
+        return [lambda: load_sae(art), lambda: load_sae(art, verify_hash=False), lambda: read_latent_frequency(art)]
+    if kind == "cnn":
+        return [lambda: load_cnn(art)]
+    if kind == "head":
+        return [lambda: load_head(art)]
+    if kind == "chunks":
+        return [lambda: evaluate(_chunk_ttt(), CHUNK_X, chunk_dir=art, chunk_size=3, fingerprint={"run": 1})]
     return [lambda: read_idx(art / name), lambda: IdxSource(art)]
 
 
@@ -64,7 +86,11 @@ def pristine(tmp_path_factory) -> Path:
                 skipped=[{"id": "bad.png", "reason": "zero bytes"}], config={"source": "x"}, meta={"backbone": "b"})
     torch.manual_seed(0)
     model = TopKSAE(SAEConfig(4, 8, 2))
-    save_sae(model, root / "sae", parent_store_hash="0" * 64)
+    save_sae(model, root / "sae", parent_store_hash="0" * 64,
+             latent_frequency={"frequency": np.linspace(0, 0.5, 8), "n_rows": 12, "rows": "all"})
+    save_cnn(DigitsCNN(CNNConfig(width=1, n_classes=3, image_size=16)), root / "cnn")
+    save_head(train_head(x, np.arange(12) % 3, HeadConfig(epochs=1, batch_size=6)), root / "head")
+    evaluate(_chunk_ttt(), CHUNK_X, chunk_dir=root / "chunks", chunk_size=3, fingerprint={"run": 1})
     encode_array(model.eval(), x, root / "codes", batch_size=5, parents={"store_dir": "S", "sae_dir": "A"})
     idx = root / "idx"
     idx.mkdir()

@@ -190,3 +190,30 @@ def test_temporary_leftovers_in_the_records_are_cleaned(tmp_path):
     leftover.write_text("{")
     _run(tmp_path, [], [])
     assert not leftover.exists()
+
+
+RECORD_DAMAGES = [None, True, 7, -1.5, "text", [], [1, "a"], {}, {"a": None}]
+
+
+@pytest.mark.parametrize("key", ["stage", "key", "settings", "parents", "result", "files", "seconds", "digest"])
+@pytest.mark.parametrize("value", RECORD_DAMAGES)
+def test_a_damaged_record_is_rebuilt_never_a_crash(tmp_path, key, value):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    path = tmp_path / "stages" / "b.json"
+    record = json.loads(path.read_text())
+    record[key] = value
+    path.write_text(json.dumps(record))
+    calls.clear()
+    cache = _run(tmp_path, calls, log)
+    assert calls == ["b"] and cache.results["c"].result == {"total": 6}  # b's key is the same: c stands
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1, 2]", "null", "\xff\xfe"])
+def test_an_unreadable_record_is_rebuilt(tmp_path, text):
+    calls, log = [], []
+    _run(tmp_path, calls, log)
+    (tmp_path / "stages" / "b.json").write_bytes(text.encode("latin-1"))
+    calls.clear()
+    _run(tmp_path, calls, log)
+    assert calls == ["b"]

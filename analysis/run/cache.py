@@ -255,8 +255,8 @@ def record_digest(record: dict) -> str:
 
 def _tampered(record: dict, out_dir: Path) -> str | None:
     """Why ``record`` no longer describes ``out_dir`` (``None`` when it does)."""
-    if "digest" not in record or "files" not in record:
-        return "its record has no digest or file fingerprints (an older version wrote it)"
+    if not isinstance(record.get("digest"), str) or not isinstance(record.get("files"), dict):
+        return "its record has no digest or file fingerprints (an older version wrote it, or it was edited)"
     if record["digest"] != record_digest(record):
         return f"its record {out_dir.parent / RECORDS_DIRNAME / (out_dir.name + '.json')} was edited"
     found = fingerprint_files(out_dir)

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import shutil
 import typing
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from analysis.run.chain import data_images, open_chain

@@ -9,6 +9,7 @@ chunks on disk (``chunk_000012.npz``, written by rename) and computes only the r
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +52,19 @@ def evaluate(ttt: LocalTTT, x_query, *, exclude=None, chunk_dir: str | os.PathLi
         if log is not None:
             log(f"ttt: chunk {i + 1}/{n_chunks} done (rank {ranks.rank})")
     ranks.barrier()
-    return _merge([_load(chunk_dir / f"chunk_{i:06d}.npz") for i in range(n_chunks)])
+    paths = [chunk_dir / f"chunk_{i:06d}.npz" for i in range(n_chunks)]
+    parts = [_load(path, min(chunk_size, m - i * chunk_size)) for i, path in enumerate(paths)]
+    _check_alike(paths, parts)
+    return _merge(parts)
 
 
 def _claim(chunk_dir: Path, fingerprint: dict) -> None:
     chunk_dir.mkdir(parents=True, exist_ok=True)
     path = chunk_dir / FINGERPRINT
     if path.is_file():
-        found = read_json(path)
+        found = read_json(path, hint=f"delete {chunk_dir} to start again")
         if found != _plain(fingerprint):
-            raise ArtifactError(f"{chunk_dir} holds TTT chunks of other settings ({found}); delete it to start "
+            raise ArtifactError(f"{path} records TTT chunks of other settings ({found}); delete {chunk_dir} to start "
                                 "again")
         return
     write_json(path, _plain(fingerprint))
@@ -82,12 +86,34 @@ def _arrays(r: TTTResult) -> dict:
     return {**{k: getattr(r, k) for k in ARRAYS}, **r.extras}
 
 
-def _load(path: Path) -> TTTResult:
+def _load(path: Path, n_rows_expected: int) -> TTTResult:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing after every rank finished; run the evaluation again")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    fix = "delete it and run again: the chunk is recomputed"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError) as e:
+        raise ArtifactError(f"{path} is truncated or corrupt ({e}); {fix}") from None
+    missing = [k for k in ARRAYS if k not in arrays]
+    lengths = {len(a) if a.ndim else None for a in arrays.values()}
+    if missing or lengths != {n_rows_expected}:
+        raise ArtifactError(f"{path} is not a TTT chunk of {n_rows_expected} queries (missing {missing}, row counts "
+                            f"{sorted(lengths, key=str)}); {fix}")
     return TTTResult(**{k: arrays.pop(k) for k in ARRAYS}, extras=arrays)
+
+
+def _check_alike(paths: list[Path], parts: list[TTTResult]) -> None:
+    """Every chunk holds the same arrays, each with the same dtype and the same shape but for its rows; a chunk
+    that differs from the first is named with it (either may be the damaged one)."""
+    def layout(part: TTTResult) -> dict:
+        return {k: (a.dtype.str, a.shape[1:]) for k, a in _arrays(part).items()}
+
+    first = layout(parts[0])
+    for path, part in zip(paths[1:], parts[1:]):
+        if layout(part) != first:
+            raise ArtifactError(f"{path} and {paths[0]} hold arrays of other kinds or shapes: one of them is damaged; "
+                                f"delete both and run again: they are recomputed")
 
 
 def _merge(parts: list[TTTResult]) -> TTTResult:
