@@ -1,11 +1,11 @@
 """The compiled kernel of exact code-space search: top-n by cosine over inverted lists, one query at a time.
 
-The reference (``NeighbourIndex`` with ``fast=False``) forms the sparse product of the queries with every
-inverted list, then selects each query's top rows in Python. At ImageNet scale with a skewed latent frequency a
-query reaches a quarter of a million rows, and the product (one thread, a sorted output per query) plus the
-per-query selection bound it to a few dozen queries per second. This kernel (numba, one thread per slice of the
-queries) walks the query's lists into a dense accumulator of the index's size, remembers the rows it touched,
-and keeps the best ``want`` of them in a small heap, then clears what it touched: work proportional to the
+The reference (``NeighbourIndex`` with ``fast=False``, in ``analysis.code_index``) forms the sparse product of the
+queries with every inverted list, then selects each query's top rows in Python. At ImageNet scale with a skewed
+latent frequency a query reaches a quarter of a million rows, and the product (one thread, a sorted output per
+query) plus the per-query selection bound it to a few dozen queries per second. This kernel (numba, one thread per
+slice of the queries) walks the query's lists into a dense accumulator of the index's size, remembers the rows it
+touched, and keeps the best ``want`` of them in a small heap, then clears what it touched: work proportional to the
 entries read, no sort of all candidates, no Python per query.
 
 Scores and ties follow the reference: highest cosine first, the lower row first among equals. Only positive

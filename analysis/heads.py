@@ -26,6 +26,7 @@ from artifacts import (
     SCHEMA_VERSION, ArtifactError, begin_dir, commit_dir, package_version, read_json, sha256_file, write_json,
 )
 from artifacts.weights import load_checked
+from artifacts.typed import check_seed
 
 KINDS = ("linear", "mlp")
 TASKS = ("classification", "regression")
@@ -68,6 +69,7 @@ class HeadConfig:
             raise ValueError(f"--head-batch-size must be >= 1 and --head-epochs >= 0, got {self.batch_size}, {self.epochs}")
         if self.weight_decay < 0:
             raise ValueError(f"--head-weight-decay must be >= 0, got {self.weight_decay}")
+        check_seed(self.seed)
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"--patience must be >= 1 or None, got {self.patience}")
 

@@ -7,20 +7,25 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from analysis.sae_record import as_record
 from analysis.spaces import codes_from_arrays
 from artifacts import ArtifactError, read_json
 from embeddings.store import EmbeddingStore
-from sae.checkpoint import check_compatible, sae_hash
 from sae.codes import CodeStore
-from sae.model import TopKSAE
+
+if TYPE_CHECKING:  # the checks read the SAE's record (analysis.sae_record): torch loads only to encode
+    from sae.model import TopKSAE
 
 
 def codes_in_memory(store: EmbeddingStore, sae: TopKSAE, batch_size: int = 4096) -> CodeStore:
     """Encode every row of ``store`` into an in-memory CodeStore (no directory): ``--codes`` left out."""
-    check_compatible(sae, store.d, f"store {store.store_dir}")
+    import torch
+
+    as_record(sae).check_width(store.d, f"store {store.store_dir}")
     values = np.empty((store.n, sae.config.k), dtype=np.float32)
     indices = np.empty((store.n, sae.config.k), dtype=np.int32)
     with torch.no_grad():
@@ -30,11 +35,12 @@ def codes_in_memory(store: EmbeddingStore, sae: TopKSAE, batch_size: int = 4096)
     return codes_from_arrays(values, indices, sae.config.n_latents, meta={"store_hash": store.content_hash})
 
 
-def check_parents(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore | None) -> list[str]:
-    """Refuse an SAE or codes that do not belong to ``store``; returns notes on what is merely different."""
-    check_compatible(sae, store.d, f"store {store.store_dir}")
+def check_parents(store: EmbeddingStore, sae, codes: CodeStore | None) -> list[str]:
+    """Refuse an SAE (a ``TopKSAE`` or its ``SAERecord``) or codes that do not belong to ``store``; returns notes
+    on what is merely different."""
+    as_record(sae).check_width(store.d, f"store {store.store_dir}")
     notes = []
-    source = getattr(sae, "source_dir", None)
+    source = as_record(sae).source_dir
     if source is not None:
         config = read_json(Path(source) / "config.json")
         provenance = config.get("provenance") or {}
@@ -50,13 +56,14 @@ def check_parents(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore | None) 
     return notes
 
 
-def check_codes(store: EmbeddingStore, sae: TopKSAE, codes: CodeStore) -> None:
-    """Refuse codes encoded from another store or with another SAE (they would pair rows with other concepts)."""
-    source = getattr(sae, "source_dir", None)
+def check_codes(store: EmbeddingStore, sae, codes: CodeStore) -> None:
+    """Refuse codes encoded from another store or with another SAE (a ``TopKSAE`` or its ``SAERecord``): they
+    would pair rows with other concepts."""
+    source = as_record(sae).source_dir
     if codes.meta.get("store_hash") not in (None, store.content_hash):
         raise ArtifactError(f"codes {codes.codes_dir} were encoded from another store, not {store.store_dir}; "
                             f"re-encode: scripts/encode.py --store {store.store_dir} --sae SAE_DIR --out CODES_DIR")
-    if source is not None and codes.meta.get("sae_hash") not in (None, sae_hash(source)):
+    if source is not None and codes.meta.get("sae_hash") not in (None, as_record(sae).weights_hash()):
         raise ArtifactError(f"codes {codes.codes_dir} were encoded with another SAE, not {source}; re-encode them")
     if codes.n != store.n:
         raise ArtifactError(f"codes {codes.codes_dir} have {codes.n} rows, store {store.store_dir} {store.n}")

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from analysis.neighbours import SparseCodes
 from embeddings.store import EmbeddingStore
-from sae.checkpoint import check_compatible
 from sae.codes import CodeStore
-from sae.model import TopKSAE
+
+if TYPE_CHECKING:  # torch and the SAE load only for the reconstructions space
+    from sae.model import TopKSAE
 
 SPACE_NAMES = ("embeddings", "reconstructions", "codes")
 BATCH_ROWS = 8192
@@ -110,6 +110,10 @@ def embedding_space(store: EmbeddingStore) -> Space:
 
 def reconstruction_space(store: EmbeddingStore, sae: TopKSAE) -> Space:
     """Ψ̂ = decode(encode(x)) of the store's embeddings, computed on demand."""
+    import torch
+
+    from sae.checkpoint import check_compatible
+
     check_compatible(sae, store.d, f"store {store.store_dir}")
     base = embedding_space(store)
 

@@ -79,3 +79,13 @@ def config_from_dict(cls, values: dict, prefix: str = ""):
         raise ValueError(f"{', '.join(prefix + k for k in unknown)}: no such setting of {cls.__name__}; "
                          f"its settings are {', '.join(sorted(types_))}")
     return cls(**{k: typed_value(types_[k], v, prefix + k) for k, v in values.items()})
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy's generators take; torch takes more, but one seed seeds both."""
+
+
+def check_seed(seed, flag: str = "--seed") -> None:
+    """Refuse a seed that is not an integer in ``[0, 2**32 - 1]``, naming the flag."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{flag} must be an integer in [0, 2**32 - 1] (numpy's seed range), got {seed!r}")

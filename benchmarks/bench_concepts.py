@@ -11,12 +11,12 @@ baseline from the same run:
   against exact, with recall@50 (target: >= 20x exact at recall@50 >= 0.95);
 - code-space search from the inverted lists against a dense brute force on a subsample (equal results), and its
   queries/s at full size (target: >= 200 queries/s, memory < 1.5x the CodeStore);
-- sharing statistics for 10,000 queries x 50 neighbours against the per-query reference twin (target: < 5 s);
-- one ``--index`` query through the library after loading, on a ``--query-rows`` store: median and p99 latency
-  (target: < 10 ms, < 50 ms), and the whole ``scripts/query.py --json`` process (target: < 3 s).
+- sharing statistics for 10,000 queries x 50 neighbours against the per-query reference twin (target: < 5 s).
 
-    python benchmarks/bench_concepts.py [--n-rows 1281167] [--query-rows 100000] [--skip-hnsw]
-        [--sections dense,codes,sharing,query]
+Per-image queries (the query tool's saved index in every space, and the whole process) are measured by
+``benchmarks/bench_query.py``.
+
+    python benchmarks/bench_concepts.py [--n-rows 1281167] [--skip-hnsw] [--sections dense,codes,sharing]
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +33,6 @@ from analysis import neighbourhoods as nbh
 from analysis.neighbours import NeighbourIndex, SparseCodes, recall_at_n
 from analysis.spaces import codes_from_arrays
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mb() -> float:
@@ -174,55 +169,6 @@ def bench_sharing(codes: SparseCodes, n_queries: int, seed: int) -> None:
               f"jaccard {stats['jaccard'].mean():.3f}")
 
 
-def make_query_store(tmp: Path, n: int, d: int, n_latents: int, k: int, seed: int) -> tuple[Path, Path, Path]:
-    from analysis.run.store_stages import encode_store
-    from embeddings.store import write_store
-    from sae.checkpoint import save_sae
-    from sae.config import SAEConfig
-    from sae.model import TopKSAE
-
-    x, _, cluster = synthetic(n, d, n_latents, k, seed=seed + 1)
-    store = write_store(tmp / "store", x, labels=cluster % 1000, classes=[f"class{i}" for i in range(1000)],
-                        ids=[f"img{i:07d}.jpg" for i in range(n)])
-    torch.manual_seed(seed)
-    save_sae(TopKSAE(SAEConfig(d_in=d, n_latents=n_latents, k=k)), tmp / "sae", parent_store_hash=store.content_hash)
-    encode_store(tmp / "store", tmp / "sae", tmp / "codes")
-    return tmp / "store", tmp / "sae", tmp / "codes"
-
-
-def bench_query(n: int, d: int, n_latents: int, k: int, seed: int) -> None:
-    from analysis.concepts.query import QueryEngine
-    from embeddings.store import EmbeddingStore
-    from sae.checkpoint import load_sae
-    from sae.codes import CodeStore
-
-    print(f"\n== one query on a {n}-row store (10 neighbours) ==")
-    with tempfile.TemporaryDirectory() as tmp:
-        (store_dir, sae_dir, codes_dir), t = timed(make_query_store, Path(tmp), n, d, n_latents, k, seed)
-        print(f"store + random SAE + codes written in {t:.1f} s")
-        t = time.perf_counter()
-        engine = QueryEngine(EmbeddingStore.open(store_dir), load_sae(sae_dir), CodeStore.open(codes_dir))
-        t_load = time.perf_counter() - t
-        print(f"library: load {t_load:.2f} s")
-        for space in ("embeddings", "codes"):
-            _, t_first = timed(engine.query, 0, 10, space)
-            rows = np.random.default_rng(seed).integers(0, n, 200)
-            lat = [timed(engine.query, int(r), 10, space)[1] * 1e3 for r in rows]
-            print(f"  --space {space}: first query (builds the index) {t_first:.2f} s; then median "
-                  f"{np.median(lat):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms over {len(lat)} queries "
-                  f"(target median < 10 ms, p99 < 50 ms)")
-        args = [sys.executable, str(ROOT / "scripts" / "query.py"), "--sae", str(sae_dir), "--store",
-                str(store_dir), "--codes", str(codes_dir), "--index", "5", "--json"]
-        t = time.perf_counter()
-        subprocess.run(args, check=True, capture_output=True, cwd=ROOT)
-        t_script = time.perf_counter() - t
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch, faiss"], check=True, cwd=ROOT)
-        t_import = time.perf_counter() - t
-        print(f"scripts/query.py --json process: {t_script:.2f} s (target < 3 s); of which importing torch + faiss "
-              f"alone takes {t_import:.2f} s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-rows", type=int, default=200_000, help="rows of the synthetic set (ImageNet: 1281167)")
@@ -232,11 +178,9 @@ def main() -> None:
     parser.add_argument("--n-queries", type=int, default=2000, help="queries of the search rows")
     parser.add_argument("--sharing-queries", type=int, default=10_000)
     parser.add_argument("--subsample", type=int, default=20_000, help="rows of the dense brute-force comparison")
-    parser.add_argument("--query-rows", type=int, default=100_000, help="rows of the store of the query latency")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(n-rows))")
     parser.add_argument("--skip-hnsw", action="store_true", help="leave out HNSW (slow to build on 2 cores)")
-    parser.add_argument("--skip-query", action="store_true", help="leave out the query latency section")
-    parser.add_argument("--sections", default="dense,codes,sharing,query",
+    parser.add_argument("--sections", default="dense,codes,sharing",
                         help="comma-separated sections to run after the CodeStore views")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -255,8 +199,6 @@ def main() -> None:
         bench_code_search(codes, code_index, args.n_queries, args.subsample, args.seed)
     if "sharing" in sections:
         bench_sharing(codes, args.sharing_queries, args.seed)
-    if "query" in sections and not args.skip_query:
-        bench_query(args.query_rows, args.d, args.n_latents, args.k, args.seed)
     print(f"\npeak RSS {peak_mb():.0f} MB; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from artifacts.typed import check_seed
 
 DTYPES = ("float32", "float16")
 
@@ -43,6 +44,7 @@ class ExtractConfig:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_seed(self.seed)
         if self.output not in ("auto", "head", "pre_logits"):
             raise ValueError(f"--output must be auto, head or pre_logits, got {self.output!r}")
 

@@ -11,6 +11,7 @@ import argparse
 
 from artifacts import check_replaceable, dir_lock
 from artifacts.cli import run_main
+from artifacts.typed import check_seed
 from artifacts.flags import SETTINGS_FILE, add_config_file_flag, add_config_flags, parse_args, write_settings
 from embeddings.cnn import CNNConfig, CNNTrainConfig, save_cnn, train_cnn
 
@@ -32,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser(), argv)
+    check_seed(args.seed)
     config = CNNConfig(width=args.width)
     train = CNNTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay)
     # --out is locked and checked before training, so that a refusal comes at once, not after the epochs.

@@ -49,7 +49,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import faiss  # noqa: E402
 
-from analysis import neighbours as neighbours_module  # noqa: E402
+from analysis import code_index  # noqa: E402
 from analysis.neighbours import recall_at_n  # noqa: E402
 from synthetic_concepts import random_codes  # noqa: E402
 
@@ -111,7 +111,7 @@ def test_sparse_batches_cut_by_candidate_count_give_the_same_answer(monkeypatch)
     codes = random_codes(rng, 200, 16, 3)
     index = NeighbourIndex().fit(codes)
     expected = index.search(codes.take(np.arange(50)), 5)
-    monkeypatch.setattr(neighbours_module, "SPARSE_BATCH_ENTRIES", 40)
+    monkeypatch.setattr(code_index, "SPARSE_BATCH_ENTRIES", 40)
     got = index.search(codes.take(np.arange(50)), 5)
     np.testing.assert_allclose(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
@@ -163,25 +163,84 @@ def test_bad_factory_and_knobs_are_refused():
         NeighbourIndex(factory="IVF8,PQ4").fit(x)  # 8-bit PQ needs 256 training rows
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW8", "IVF8,PQ4x4"])
-def test_save_load_identity_dense(tmp_path, factory):
+def test_save_load_identity_dense(tmp_path, factory, mmap):
     x = _clustered(n=600)
     train = np.arange(0, 600, 3)
     index = NeighbourIndex(factory=factory, nprobe=None if "IVF" not in factory else 3).fit(x, rows=train)
     index.save(tmp_path / "index", parents={"store_hash": "abc"})
-    loaded = NeighbourIndex.load(tmp_path / "index")
+    loaded = NeighbourIndex.load(tmp_path / "index", mmap=mmap)
     for a, b in zip(index.search(x[:40], 7), loaded.search(x[:40], 7)):
         np.testing.assert_array_equal(a, b)
     assert (loaded.factory, loaded.nprobe, loaded.n_) == (index.factory, index.nprobe, index.n_)
 
 
-def test_save_load_identity_code_space(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_identity_code_space(tmp_path, mmap):
     codes = random_codes(np.random.default_rng(6), 150, 20, 3)
     index = NeighbourIndex().fit(codes, rows=np.arange(0, 150, 2))
     index.save(tmp_path / "codes-index")
-    loaded = NeighbourIndex.load(tmp_path / "codes-index")
+    loaded = NeighbourIndex.load(tmp_path / "codes-index", mmap=mmap)
     for a, b in zip(index.search(codes.take(np.arange(30)), 5), loaded.search(codes.take(np.arange(30)), 5)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_refuses_an_index_of_other_parents(tmp_path):
+    from artifacts import ArtifactError
+
+    NeighbourIndex().fit(_clustered(n=100)).save(tmp_path / "index", parents={"store_hash": "abc"})
+    assert NeighbourIndex.load(tmp_path / "index", parents={"store_hash": "abc"}).n_ == 100
+    with pytest.raises(ArtifactError, match=r"built from other data \(store_hash differ\).*delete"):
+        NeighbourIndex.load(tmp_path / "index", parents={"store_hash": "xyz"})
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW8"])
+def test_vectors_read_back_the_indexed_rows(tmp_path, factory):
+    x = _clustered(n=500)
+    rows = np.arange(0, 500, 2)
+    index = NeighbourIndex(factory=factory).fit(x, rows=rows)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(index.vectors([0, 8, 498]), unit[[0, 8, 498]], atol=1e-6)
+    index.save(tmp_path / "index")
+    np.testing.assert_allclose(NeighbourIndex.load(tmp_path / "index", mmap=True).vectors([8]), unit[[8]], atol=1e-6)
+    with pytest.raises(ValueError, match="rows that the index holds"):
+        index.vectors([1])
+
+
+def test_backends_behind_the_one_interface():
+    from analysis.code_index import CodeIndex
+    from analysis.dense_index import DenseIndex
+
+    assert isinstance(NeighbourIndex().fit(_clustered(n=50)).backend_, DenseIndex)
+    assert isinstance(NeighbourIndex().fit(random_codes(np.random.default_rng(0), 30, 8, 2)).backend_, CodeIndex)
+    with pytest.raises(ValueError, match="no search parameters"):
+        NeighbourIndex().fit(random_codes(np.random.default_rng(0), 30, 8, 2)).set_search_parameters(nprobe=2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(3, 90), st.integers(1, 6), st.sampled_from(["cosine", "l2"]), st.integers(0, 10_000))
+def test_exact_search_equals_a_full_sort(n, want, metric, seed):
+    from analysis import dense_index
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    want = min(want, n - 1)
+    queries = np.arange(min(n, 7))
+    old_block = dense_index.EXACT_BLOCK
+    dense_index.EXACT_BLOCK = 4  # several blocks, so that the merge is exercised
+    try:
+        scores, rows = dense_index.exact_search(x, x[queries], want, metric, exclude=queries)
+    finally:
+        dense_index.EXACT_BLOCK = old_block
+    if metric == "cosine":
+        full = _brute_cosine(x[queries], x)
+    else:
+        full = -((x[queries][:, None] - x[None]) ** 2).sum(-1)
+    full[np.arange(queries.size), queries] = -np.inf
+    expected = -np.sort(-full, axis=1)[:, :want]
+    np.testing.assert_allclose(scores, expected if metric == "cosine" else -expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(full, rows, 1), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_save_refuses_an_existing_directory_and_load_refuses_other_artifacts(tmp_path):
@@ -212,3 +271,14 @@ def test_gpu_index_equals_cpu_index():
     gpu = NeighbourIndex(device="cuda").fit(x).search(x[:50], 10)
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-4)
     assert recall_at_n(gpu[1], cpu[1])["value"] > 0.99
+
+
+def test_nan_features_are_refused_naming_the_file_and_the_row(tmp_path):
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    x[13, 2] = np.nan
+    np.save(tmp_path / "embeddings.npy", x)
+    mapped = np.load(tmp_path / "embeddings.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"embeddings\.npy hold NaN or Inf in 1 of 20 rows, the first row 13"):
+        NeighbourIndex().fit(mapped)
+    with pytest.raises(ValueError, match=r"the first row 13"):
+        NeighbourIndex().fit(mapped, rows=np.arange(5, 20))

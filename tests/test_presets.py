@@ -277,13 +277,15 @@ def test_the_summary_lines_survive_a_claim_that_could_not_be_measured(capsys):
 
     main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
     missing = {"value": None, "se": None, "n": 0, "provenance": "too few points to fit"}
-    report = {"sections": {"theory": {"status": "ok", "reason": ""}},
-              "comparisons": [{"metric": "theory.claims", "claim": "falls as 1/n_neighbours", "ours": missing,
-                               "verdict": "inconclusive (not measured: too few points to fit)"}]}
+    report = {"sections": {"theory": {"status": "ok", "reason": ""}}, "comparisons": [],
+              "claims": [{"metric": "theory.claims", "claim": "falls as 1/n_neighbours", "measured": missing,
+                          "verdict": "inconclusive (not measured: too few points to fit)"}]}
     main.__globals__["reproduce"] = lambda *a, **k: report
     assert main(["--preset", "theory", "--out", "unused"]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
-    assert "falls as 1/n_neighbours" in line and "inconclusive" in line
+    lines = capsys.readouterr().out.splitlines()
+    claim = next(line for line in lines if "falls as 1/n_neighbours" in line)
+    assert "inconclusive" in claim and "too few points to fit" in claim
+    assert sum(line.startswith("report: ") for line in lines) == 1  # the report path once
 
 
 def test_new_contents_in_the_same_idx_folder_change_the_backbone_key(tmp_path):
@@ -408,8 +410,8 @@ def test_a_flag_the_preset_ignores_is_refused(preset, settings, flag):
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "-1"], "--threads must be >= 1"),
     (["--sae-epochs", "inf"], "--sae-epochs must be a finite number"),
-    (["--seed", "-1"], "--seed must be in"),
-    (["--seed", str(2**40)], "--seed must be in"),
+    (["--seed", "-1"], "--seed must be an integer in"),
+    (["--seed", str(2**40)], "--seed must be an integer in"),
     (["--study-set", "n_queries=abc"], "--study-set n_queries must be an integer"),
     (["--study-set", "n_queries=[1,2]"], "--study-set n_queries must be an integer"),
 ])

@@ -54,7 +54,7 @@ def _brute_cosine(x, row):
 def test_json_field_by_field(planted, monkeypatch, capsys):
     store_dir, sae_dir, codes_dir = planted
     code, out, err = run(monkeypatch, capsys, "--sae", sae_dir, "--store", store_dir, "--codes", codes_dir,
-                         "--index", 17, "--neighbours", 6, "--json")
+                         "--index", 17, "--n-neighbours", 6, "--json")
     assert code == 0 and err == ""
     a = json.loads(out)
     store, codes = EmbeddingStore.open(store_dir), CodeStore.open(codes_dir)
@@ -100,14 +100,25 @@ def test_json_field_by_field(planted, monkeypatch, capsys):
     assert u["random_n"] == 200 and 0 <= u["percentile"] <= 100 and u["random_se"] > 0
     # Planted classes: a real neighbourhood shares more concepts than most random ones.
     assert u["size"] < u["random_mean"] and u["percentile"] > 90
+    # The neighbourhood's labels, the index it was searched with, the nearest similarity against the store's own.
+    labels = [nb["label"] for nb in a["neighbours"]]
+    assert a["label_counts"] == sorted(({"label": label, "n": labels.count(label)} for label in dict.fromkeys(labels)),
+                                       key=lambda c: -c["n"])
+    assert a["index"]["exact"] and a["index"]["factory"] == "Flat" and a["index"]["recall"] == {"10": 1.0, "50": 1.0}
+    near = a["nearest"]
+    assert near["similarity"] == a["neighbours"][0]["similarity"] and near["store_sample"] == store.n
+    assert near["far"] == (near["store_percentile"] <= 1.0) and bool(a["warnings"]) == near["far"]
+    assert near["query_concepts_shared"] == sum(c["in_query"] for c in a["shared_concepts"])
+    assert a["prediction"] is None
 
 
 def test_code_space_and_codes_encoded_on_the_fly(planted, monkeypatch, capsys):
     store_dir, sae_dir, codes_dir = planted
-    args = ("--sae", sae_dir, "--store", store_dir, "--id", "42", "--space", "codes", "--neighbours", 5, "--json")
+    args = ("--sae", sae_dir, "--store", store_dir, "--id", "42", "--space", "codes", "--n-neighbours", 5, "--json")
     with_codes = json.loads(run(monkeypatch, capsys, *args, "--codes", codes_dir)[1])
     on_the_fly = json.loads(run(monkeypatch, capsys, *args)[1])
     assert on_the_fly["notes"] == ["codes encoded on the fly (no --codes given)"]
+    assert with_codes["n_neighbours"] == 5
     for key in ("query", "concepts", "neighbours", "shared_concepts", "union"):
         assert on_the_fly[key] == with_codes[key], key
     codes = CodeStore.open(codes_dir)
@@ -165,7 +176,7 @@ def digits_store(tmp_path_factory):
 def test_a_new_image_goes_through_the_store_backbone(digits_store, monkeypatch, capsys, tmp_path):
     sheet = tmp_path / "new.png"
     code, out, err = run(monkeypatch, capsys, "--sae", digits_store / "sae", "--store", digits_store / "store",
-                         "--image", digits_store / "digit7.png", "--neighbours", 3, "--json", "--sheet", sheet)
+                         "--image", digits_store / "digit7.png", "--n-neighbours", 3, "--json", "--sheet", sheet)
     assert code == 0, err
     a = json.loads(out)
     assert a["query"] == {"row": None, "id": None, "label": None, "split": None,
@@ -179,24 +190,32 @@ def _other_store(tmp, d):
     return write_store(tmp / f"other{d}", np.random.default_rng(0).normal(size=(30, d)).astype(np.float32))
 
 
-@pytest.mark.parametrize("case", ["unknown id", "index out of range", "sae width", "codes of another store",
-                                  "undecodable image", "bad neighbours", "sheet not png", "missing store",
-                                  "unknown device"])
+@pytest.mark.parametrize("case", ["unknown id", "index out of range", "negative index", "sae width",
+                                  "codes of another store", "undecodable image", "bad neighbours", "sheet not png",
+                                  "sheet folder missing", "sheet not writable", "missing store", "unknown device",
+                                  "not a head"])
 def test_errors_are_one_line_and_exit_2(planted, digits_store, tmp_path, monkeypatch, capsys, case):
     store_dir, sae_dir, codes_dir = planted
     base = ["--sae", sae_dir, "--store", store_dir]
     bad_image = tmp_path / "broken.png"
     bad_image.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    sheet_dir = tmp_path / "taken.png"  # a folder where the sheet would go: writing it must fail cleanly
+    sheet_dir.mkdir()
     args, expected = {
         "unknown id": (base + ["--id", "no-such-image"], "--id 'no-such-image' is not an image"),
         "index out of range": (base + ["--index", 10_000], "--index 10000 is out of range"),
+        "negative index": (base + ["--index", -1], "--index -1 is out of range for store"),
         "sae width": (["--sae", digits_store / "sae", "--store", store_dir, "--index", 0], "d_in="),
         "codes of another store": (["--sae", digits_store / "sae", "--store", digits_store / "store",
                                     "--codes", codes_dir, "--index", 0], "encoded from another store"),
         "undecodable image": (["--sae", digits_store / "sae", "--store", digits_store / "store",
                                "--image", bad_image], "cannot be decoded"),
-        "bad neighbours": (base + ["--index", 0, "--neighbours", 0], "--neighbours must be >= 1"),
+        "bad neighbours": (base + ["--index", 0, "--n-neighbours", 0], "--n-neighbours must be >= 1"),
         "sheet not png": (base + ["--index", 0, "--sheet", tmp_path / "x.jpg"], "--sheet must name a .png"),
+        "sheet folder missing": (base + ["--index", 0, "--sheet", tmp_path / "nowhere" / "x.png"], "its folder"),
+        "sheet not writable": (base + ["--index", 0, "--sheet", sheet_dir],
+                               f"cannot write the contact sheet {sheet_dir}"),
+        "not a head": (base + ["--index", 0, "--head", tmp_path], "is not a saved head"),
         "missing store": (["--sae", sae_dir, "--store", tmp_path / "nowhere", "--index", 0], "no embedding store"),
         "unknown device": (["--sae", digits_store / "sae", "--store", digits_store / "store",
                             "--image", digits_store / "digit7.png", "--device", "tpu"], "--device 'tpu'"),
@@ -205,6 +224,7 @@ def test_errors_are_one_line_and_exit_2(planted, digits_store, tmp_path, monkeyp
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert ".tmp-" not in err  # never the name of a temporary file
 
 
 def test_engine_refuses_codes_of_another_sae(planted, digits_store, tmp_path):
@@ -228,3 +248,116 @@ def test_sae_of_another_backbone_is_refused_and_another_store_of_the_same_is_not
     code, out, _ = run(monkeypatch, capsys, "--sae", tmp_path / "sibling-sae", "--store", digits_store / "store",
                        "--index", 0, "--json")
     assert code == 0 and json.loads(out)["notes"][0].startswith("the SAE was trained on another store (ffffffffffff")
+
+
+# -- the saved index, far queries, predictions ----------------------------------------------------------------
+def test_the_saved_index_is_reused_by_the_next_process(planted, monkeypatch, capsys, tmp_path):
+    store_dir, sae_dir, codes_dir = planted
+    args = ["--sae", sae_dir, "--store", store_dir, "--codes", codes_dir, "--index", 5, "--json",
+            "--index-dir", tmp_path / "indexes"]
+    first = json.loads(run(monkeypatch, capsys, *args)[1])
+    second = json.loads(run(monkeypatch, capsys, *args)[1])
+    assert not first["index"]["reused"] and second["index"]["reused"]
+    assert first["index"]["path"] == second["index"]["path"]
+    assert Path(first["index"]["path"]).parent == tmp_path / "indexes"
+    assert first["neighbours"] == second["neighbours"]
+    exact = json.loads(run(monkeypatch, capsys, *args, "--exact")[1])
+    assert exact["index"]["exact"] and exact["index"]["path"] != first["index"]["path"]
+    none = json.loads(run(monkeypatch, capsys, *args[:-2], "--no-index-cache")[1])
+    assert none["index"]["path"] is None and "in memory" in none["index"]["note"]
+    # By default the index lives beside the codes.
+    default = json.loads(run(monkeypatch, capsys, *args[:-2])[1])
+    assert Path(default["index"]["path"]).parent == Path(f"{codes_dir}-index")
+
+
+def test_a_json_answer_from_saved_codes_and_index_imports_no_torch(planted, tmp_path):
+    import subprocess
+
+    store_dir, sae_dir, codes_dir = planted
+    argv = [SCRIPT, "--sae", str(sae_dir), "--store", str(store_dir), "--codes", str(codes_dir), "--index", "3",
+            "--json", "--index-dir", str(tmp_path)]
+    probe = ("import runpy, sys; sys.argv = %r; runpy.run_path(%r, run_name='__main__'); "
+             "print(sorted(m for m in ('torch', 'matplotlib', 'sklearn', 'umap', 'selenium') if m in sys.modules))")
+    for space in ("embeddings", "codes", "reconstructions"):  # the first run of a space builds its index
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", probe % (argv + ["--space", space], SCRIPT)],
+                                  capture_output=True, text=True, cwd=Path(SCRIPT).parents[1])
+            assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "[]", (space, done.stdout[-200:])
+
+
+def test_reconstructions_space_equals_brute_force(planted):
+    store_dir, sae_dir, codes_dir = planted
+    store, sae = EmbeddingStore.open(store_dir), load_sae(sae_dir)
+    engine = QueryEngine(store, sae, CodeStore.open(codes_dir), index_dir=None)
+    a = engine.query(9, 5, "reconstructions")
+    with torch.no_grad():
+        recon = sae.decode(*sae.encode(torch.from_numpy(np.array(store.x)))).double().numpy()
+    sims = _brute_cosine(recon, 9)
+    np.testing.assert_allclose([nb["similarity"] for nb in a["neighbours"]], np.sort(sims)[::-1][:5], atol=1e-5)
+    rows = [nb["row"] for nb in a["neighbours"]]
+    np.testing.assert_allclose([nb["similarity"] for nb in a["neighbours"]], sims[rows], atol=1e-5)
+
+
+def test_an_image_far_from_the_store_is_warned_with_the_evidence(planted):
+    store_dir, sae_dir, codes_dir = planted
+    store = EmbeddingStore.open(store_dir)
+    engine = QueryEngine(store, load_sae(sae_dir), CodeStore.open(codes_dir), index_dir=None)
+    typical = engine.query(17, 10)
+    far = engine.query_vector(-np.asarray(store.x[17]), 10)  # pointing away from every row of the store
+    assert not typical["nearest"]["far"] and typical["warnings"] == []
+    near = far["nearest"]
+    assert near["far"] and near["store_percentile"] == 0.0 and near["similarity"] < near["store_p1"]
+    assert len(far["warnings"]) == 1
+    warning = far["warnings"][0]
+    assert "far from everything in the store" in warning and f"{near['similarity']:.3f}" in warning
+    assert f"shares {near['query_concepts_shared']} of its {near['query_concepts']} concepts" in warning
+    from analysis.concepts.query_text import format_text
+
+    assert format_text(far).splitlines()[1].startswith("WARNING: this image is far")
+
+
+def test_predictions_of_the_global_head_local_ttt_and_knn(planted, monkeypatch, capsys, tmp_path):
+    store_dir, sae_dir, codes_dir = planted
+    args = ["--sae", sae_dir, "--store", store_dir, "--codes", codes_dir, "--index", 17, "--json",
+            "--index-dir", tmp_path]
+    first = json.loads(run(monkeypatch, capsys, *args, "--predict")[1])
+    p = first["prediction"]
+    store = EmbeddingStore.open(store_dir)
+    truth = store.classes[store.labels[17]]
+    assert p["head"]["trained"] and not p["head"]["reused"] and Path(p["head"]["path"]).parent == tmp_path
+    assert p["n_labelled_neighbours"] == 10 and p["ttt"]["steps"] == 50 and p["ttt"]["lr"] == 1e-2
+    counts = {c["label"]: c["n"] for c in first["label_counts"]}
+    assert p["knn"]["label"] == max(counts, key=counts.get)
+    # Planted classes are linearly separable: the head, TTT and the vote all find the query's class.
+    assert p["global"]["label"] == p["ttt"]["label"] == p["knn"]["label"] == truth
+    assert 0 < p["global"]["probability"] <= 1 and 0 < p["ttt"]["probability"] <= 1
+    second = json.loads(run(monkeypatch, capsys, *args, "--predict")[1])["prediction"]
+    assert second["head"]["reused"] and second["global"] == p["global"] and second["ttt"] == p["ttt"]
+    saved = json.loads(run(monkeypatch, capsys, *args, "--head", p["head"]["path"])[1])["prediction"]
+    assert not saved["head"]["trained"] and saved["global"] == p["global"]
+    code, out, _ = run(monkeypatch, capsys, *[a for a in args if a != "--json"], "--predict")
+    assert code == 0 and "local TTT" in out and "global head" in out
+
+
+def test_a_label_past_the_class_names_is_refused_before_any_count(planted):
+    import dataclasses
+
+    from artifacts import ArtifactError
+
+    store_dir, sae_dir, codes_dir = planted
+    store = EmbeddingStore.open(store_dir)
+    labels = store.labels.copy()
+    labels[3] = 10**9
+    with pytest.raises(ArtifactError, match="holds labels -?\\d+...1000000000 but names 4 classes"):
+        QueryEngine(dataclasses.replace(store, labels=labels), load_sae(sae_dir), CodeStore.open(codes_dir))
+
+
+def test_a_black_on_white_digit_against_a_white_on_black_store_is_warned(digits_store, monkeypatch, capsys):
+    images, _ = load_digits_images()
+    Image.fromarray(255 - images[7]).save(digits_store / "inverted7.png")
+    base = ["--sae", digits_store / "sae", "--store", digits_store / "store", "--json", "--no-index-cache"]
+    same = json.loads(run(monkeypatch, capsys, *base, "--image", digits_store / "digit7.png")[1])
+    inverted = json.loads(run(monkeypatch, capsys, *base, "--image", digits_store / "inverted7.png")[1])
+    assert same["warnings"] == [] and same["nearest"]["store_percentile"] == 100.0
+    assert inverted["nearest"]["far"] and "far from everything in the store" in inverted["warnings"][0]

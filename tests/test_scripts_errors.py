@@ -185,7 +185,8 @@ def test_every_refusal_of_extract_is_one_line(tmp_path, capsys, one_thread, monk
          f"cannot read weights file {pickled}"),
         (digits + ["--backbone", "no_such_model_xyz", "--weights", "random", "--out", str(tmp_path / "h")],
          "timm has no model 'no_such_model_xyz'"),
-        (digits + ["--weights", str(tmp_path / "nan_cnn"), "--out", str(tmp_path / "i")], "NaN or Inf embeddings"),
+        (digits + ["--weights", str(tmp_path / "nan_cnn"), "--out", str(tmp_path / "i")],
+         "nan_cnn/model.safetensors holds NaN or Inf"),
     ]
     for argv, expected in cases:
         code, err = _extract(capsys, *argv)

@@ -3,49 +3,84 @@
 ``QueryEngine(store, sae, codes)`` loads once (codes are encoded in memory when no CodeStore is given) and answers
 ``query(row=...)`` or ``query_vector(x)`` (a new image's embedding, see ``embed_image``) with a JSON-ready dict
 whose schema (``QUERY_SCHEMA``) is documented in the README. Neighbours come from every row of the store but the
-query itself. The neighbourhood's union size is placed against random neighbourhoods of the same size as a
-percentile: the share of random neighbourhoods that use more distinct concepts (100 means it shares concepts more
-than every random one).
+query itself, through each space's saved index (``analysis.space_index``: exact below a size, IVF with its
+measured recall above it, built once beside the codes and reused). The neighbourhood's union size is placed
+against random neighbourhoods of the same size as a percentile: the share of random neighbourhoods that use more
+distinct concepts (100 means it shares concepts more than every random one). A query whose nearest similarity is
+lower than that of 99% of the store's own rows is flagged as far from the store, with the evidence.
+
+``sae`` may be a loaded ``TopKSAE``, an ``SAERecord`` or an SAE directory: with saved codes and a saved index an
+answer needs no model, so torch is imported only when something must be encoded or decoded.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from analysis import neighbourhoods as nbh
 from analysis.concepts.naming import ConceptNamer
-from analysis.neighbours import NeighbourIndex, SparseCodes
+from analysis.neighbours import SparseCodes
 from analysis.parents import check_parents, codes_in_memory
-from analysis.spaces import SPACE_NAMES, all_codes, make_space
-from artifacts import ArtifactError, read_json
+from analysis.sae_record import SAERecord, as_record
+from analysis.space_index import IndexSettings, SpaceIndex, open_space_index
+from analysis.spaces import SPACE_NAMES
+from artifacts import ArtifactError
 from embeddings.store import EmbeddingStore
-from sae.checkpoint import check_compatible, sae_hash
 from sae.codes import CodeStore
-from sae.model import TopKSAE
 
-QUERY_SCHEMA = "ttt-concepts.query/1"
+QUERY_SCHEMA = "ttt-concepts.query/2"
 N_RANDOM = 200
 """Random neighbourhoods the query's union size is placed against."""
+FAR_PERCENTILE = 1.0
+"""A query whose nearest similarity is at or below this percentile of the store's own nearest similarities is far."""
+
+
+def default_index_dir(store: EmbeddingStore, codes: CodeStore | None) -> Path:
+    """Where saved query indexes live: ``CODES_DIR-index`` beside the codes, else ``STORE_DIR-index``."""
+    base = Path(codes.codes_dir) if codes is not None and Path(codes.codes_dir).is_dir() else Path(store.store_dir)
+    return base.with_name(f"{base.name}-index")
 
 
 class QueryEngine:
-    """Loads a store, an SAE and its codes once; answers per-image queries."""
+    """Loads a store, an SAE and its codes once; answers per-image queries.
 
-    def __init__(self, store: EmbeddingStore, sae: TopKSAE, codes: CodeStore | None = None, seed: int = 0):
-        self.notes = check_parents(store, sae, codes)
+    ``index_dir``: where each space's index is saved and found again (``"auto"``: ``default_index_dir``;
+    ``None``: built in memory, never saved); ``settings``: how an index is chosen (``IndexSettings(exact=True)``
+    for ``--exact``).
+    """
+
+    def __init__(self, store: EmbeddingStore, sae, codes: CodeStore | None = None, seed: int = 0, *,
+                 index_dir: str | os.PathLike | None = "auto", settings: IndexSettings = IndexSettings()):
+        _check_labels(store)
+        record = SAERecord.read(sae) if isinstance(sae, (str, os.PathLike)) else as_record(sae)
+        self._model = None if isinstance(sae, (str, os.PathLike, SAERecord)) else sae
+        self.store, self.sae = store, record
+        self.notes = check_parents(store, record, codes)
+        index_root = default_index_dir(store, codes) if index_dir == "auto" else index_dir
         if codes is None:
-            codes = codes_in_memory(store, sae)
+            codes = codes_in_memory(store, self.model)
             self.notes.append("codes encoded on the fly (no --codes given)")
-        self.store, self.sae, self.codes = store, sae, codes
-        self.sparse = all_codes(codes)
+        # Plain views of the memory maps (no copy): numpy's memmap subclass costs more per small read than the read.
+        self.codes, self.sparse = codes, SparseCodes(np.asarray(codes.values), np.asarray(codes.indices),
+                                                     codes.n_latents)
+        self.index_root = None if index_root is None else Path(index_root)
+        self.settings, self.rng_seed = settings, seed
         self.namer = ConceptNamer(codes, store.labels, store.classes)
-        self.rng_seed = seed
-        self._indexes: dict[str, tuple] = {}
+        self._indexes: dict[str, SpaceIndex] = {}
         self._row_of_id: dict[str, int] | None = None
+        self._concepts: dict[int, dict] = {}  # descriptions asked for so far (they never change)
+        self._random_unions: dict[int, np.ndarray] = {}  # random baseline per neighbourhood size
+
+    @property
+    def model(self):
+        """The SAE itself, loaded on first need (encoding a new image, building the reconstructions index)."""
+        if self._model is None:
+            self._model = self.sae.load()
+        return self._model
 
     # -- rows, ids and indexes ----------------------------------------------------------------------------
     def row_of(self, index: int | None = None, image_id: str | None = None) -> int:
@@ -56,92 +91,157 @@ class QueryEngine:
             if image_id not in self._row_of_id:
                 raise ValueError(f"--id {image_id!r} is not an image of store {self.store.store_dir}")
             return self._row_of_id[image_id]
-        if index is None or not -self.store.n <= index < self.store.n:
+        if index is None or not 0 <= index < self.store.n:
             raise ValueError(f"--index {index} is out of range for store {self.store.store_dir} "
                              f"({self.store.n} rows: 0..{self.store.n - 1})")
-        return int(index) % self.store.n
+        return int(index)
 
-    def index(self, space_name: str):
-        """``(space, NeighbourIndex)`` over every row, built on first use."""
-        if space_name not in SPACE_NAMES:
-            raise ValueError(f"--space must be one of {SPACE_NAMES}, got {space_name!r}")
-        if space_name not in self._indexes:
-            space = make_space(space_name, self.store, self.sae, self.codes)
-            self._indexes[space_name] = (space, NeighbourIndex().fit(space.index_data()))
-        return self._indexes[space_name]
+    def index(self, space: str) -> SpaceIndex:
+        """The saved index of ``space`` over every row (built and saved on first use)."""
+        if space not in SPACE_NAMES:
+            raise ValueError(f"--space must be one of {SPACE_NAMES}, got {space!r}")
+        if space not in self._indexes:
+            parents = self.parents(space)
+            root = self.index_root if parents is not None else None
+            self._indexes[space] = open_space_index(root, space, parents or {}, lambda: self.index_data(space),
+                                                    self.settings)
+        return self._indexes[space]
+
+    def parents(self, space: str) -> dict | None:
+        """The hashes of what the index of ``space`` indexes (``None``: nothing identifies it, never saved)."""
+        parents = {"store_hash": self.store.content_hash}
+        if space == "embeddings":
+            return parents
+        if self.sae.source_dir is None:
+            return None
+        # Reconstructions are decoded from the codes, so both indexes depend on them as well as on the SAE.
+        return {**parents, "sae_hash": self.sae.weights_hash(), "codes": _codes_identity(self.codes)}
+
+    def index_data(self, space: str):
+        """What the index of ``space`` is fitted on: the store's memory map, decoded reconstructions, the codes."""
+        if space == "embeddings":
+            return self.store.x
+        if space == "codes":
+            return self.sparse
+        return Reconstructions(self.model, self.codes)
+
+    def features(self, space: str, rows) -> np.ndarray:
+        """Dense float32 vectors of store ``rows`` in ``space`` as a head reads them (not normalised)."""
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        if space == "embeddings":
+            return np.asarray(self.store.x[rows], dtype=np.float32)
+        if space == "codes":
+            return self.codes.dense(rows)
+        return Reconstructions(self.model, self.codes)[rows]
 
     # -- queries ------------------------------------------------------------------------------------------
     def query(self, row: int, n_neighbours: int = 10, space: str = "embeddings") -> dict:
         """The answer for store row ``row`` (never its own neighbour)."""
-        space_obj, index = self.index(space)
-        values, indices = self.codes.codes([row])
-        scores, rows = index.search(space_obj.queries([row]), n_neighbours, exclude=np.array([row]))
-        return self._answer(values[0], indices[0], scores[0], rows[0], space,
+        index = self.index(space)
+        if space == "embeddings":
+            q = np.asarray(self.store.x[[row]], dtype=np.float32)
+        elif space == "codes":
+            q = self.sparse.take([row])
+        else:
+            q = index.index.vectors([row])
+        own = self.sparse.take([row])
+        scores, rows = index.search(q, n_neighbours, exclude=np.array([row]))
+        return self._answer(own.values[0], own.indices[0], scores[0], rows[0], space,
                             {"row": int(row), "id": str(self.store.ids[row]), "label": self._label(row),
                              "split": self._split_of(row), "image_path": None})
+
+    def encode(self, x: np.ndarray) -> dict:
+        """A new embedding ``x (d,)`` in every space: ``{"embeddings", "reconstructions", "codes"}`` queries."""
+        import torch
+
+        x = np.asarray(x, dtype=np.float32).reshape(1, -1)
+        self.sae.check_width(x.shape[1], f"the query embedding (width {x.shape[1]})")
+        with torch.no_grad():
+            v, i = self.model.encode(torch.from_numpy(x))
+            recon = self.model.decode(v, i).numpy()
+        return {"embeddings": x, "reconstructions": recon,
+                "codes": SparseCodes(v.numpy(), i.numpy().astype(np.int64), self.codes.n_latents)}
 
     def query_vector(self, x: np.ndarray, n_neighbours: int = 10, space: str = "embeddings",
                      image_path: str | None = None) -> dict:
         """The answer for a new embedding ``x (d,)`` (e.g. from ``embed_image``); all rows are candidates."""
-        x = np.asarray(x, dtype=np.float32).reshape(1, -1)
-        check_compatible(self.sae, x.shape[1], f"the query embedding (width {x.shape[1]})")
-        with torch.no_grad():
-            v, i = self.sae.encode(torch.from_numpy(x))
-            recon = self.sae.decode(v, i).numpy()
-        values, indices = v.numpy()[0], i.numpy()[0].astype(np.int64)
-        queries = {"embeddings": x, "reconstructions": recon,
-                   "codes": SparseCodes(values[None], indices[None], self.codes.n_latents)}
-        space_obj, index = self.index(space)
-        scores, rows = index.search(queries[space], n_neighbours)
-        return self._answer(values, indices, scores[0], rows[0], space,
+        queries = self.encode(x)
+        scores, rows = self.index(space).search(queries[space], n_neighbours)
+        codes = queries["codes"]
+        return self._answer(codes.values[0], codes.indices[0], scores[0], rows[0], space,
                             {"row": None, "id": None, "label": None, "split": None, "image_path": image_path})
 
     def _answer(self, values, indices, scores, rows, space: str, query: dict) -> dict:
-        n_nb = len(rows)
         concepts = [{"latent": int(latent), "activation": float(value), **self._concept(latent)}
                     for value, latent in zip(values, indices) if value > 0]
         neighbours = [{"rank": r + 1, "row": int(row), "id": str(self.store.ids[row]), "label": self._label(row),
                        "similarity": float(score)} for r, (row, score) in enumerate(zip(rows, scores))]
+        shared = self._shared(rows, {c["latent"] for c in concepts})
+        index = self.index(space)
+        nearest = self._nearest(index, float(scores[0]), concepts, shared)
         return {
             "schema": QUERY_SCHEMA,
             "query": query,
             "space": space,
             "metric": "cosine",
-            "n_neighbours": n_nb,
+            "n_neighbours": len(rows),
             "store": {"dir": str(self.store.store_dir), "n": self.store.n, "d": self.store.d},
             "sae": {"n_latents": self.codes.n_latents, "k": self.codes.k},
+            "index": index.describe(),
             "concepts": concepts,
             "neighbours": neighbours,
-            "shared_concepts": self._shared(rows, {c["latent"] for c in concepts}),
-            "union": self._union(rows, query["row"]),
+            "label_counts": label_counts(n["label"] for n in neighbours),
+            "shared_concepts": shared,
+            "union": self._union(rows),
+            "nearest": nearest,
+            "prediction": None,
+            "warnings": [far_warning(nearest)] if nearest["far"] else [],
             "notes": list(self.notes),
         }
 
+    def _nearest(self, index: SpaceIndex, similarity: float, concepts: list[dict], shared: list[dict]) -> dict:
+        """The query's nearest similarity against the store's own distribution, and how many of its concepts its
+        neighbourhood shares (used by two or more neighbours)."""
+        dist = index.quality["nearest_similarity"]
+        percentile = index.nearest_percentile(similarity)
+        return {"similarity": similarity, "store_percentile": percentile, "store_median": dist["median"],
+                "store_p1": dist["p1"], "store_sample": index.quality["n_sample"],
+                "far": percentile <= FAR_PERCENTILE,
+                "query_concepts": len(concepts), "query_concepts_shared": sum(c["in_query"] for c in shared)}
+
     def _concept(self, latent: int) -> dict:
-        d = self.namer.describe(int(latent), n_top=0)
-        labels = d["all_labels"] or {}
-        return {"frequency": d["frequency"], "n_images": d["n_images"], "description": d["description"],
-                "top_label": labels.get("top_label"), "purity": labels.get("purity")}
+        latent = int(latent)
+        if latent not in self._concepts:
+            d = self.namer.describe(latent, n_top=0)
+            labels = d["all_labels"] or {}
+            self._concepts[latent] = {"frequency": d["frequency"], "n_images": d["n_images"],
+                                      "description": d["description"], "top_label": labels.get("top_label"),
+                                      "purity": labels.get("purity")}
+        return dict(self._concepts[latent])
 
     def _shared(self, rows: np.ndarray, own: set[int]) -> list[dict]:
         """Concepts used by at least two neighbours: how many use each, their summed activation, most used first."""
-        values, indices = self.codes.codes(np.asarray(rows))
+        nb = self.sparse.take(np.asarray(rows))
+        values, indices = nb.values, nb.indices
         active = values > 0
-        counts = np.bincount(indices[active], minlength=self.codes.n_latents)
-        mass = np.bincount(indices[active], weights=values[active], minlength=self.codes.n_latents)
-        shared = np.flatnonzero(counts >= 2)
-        shared = shared[np.lexsort((-mass[shared], -counts[shared]))]
-        return [{"latent": int(latent), "n_neighbours_using": int(counts[latent]),
-                 "fraction": float(counts[latent] / len(rows)), "summed_activation": float(mass[latent]),
-                 "in_query": int(latent) in own, "description": self._concept(latent)["description"]}
-                for latent in shared]
+        latents, inverse = np.unique(indices[active], return_inverse=True)
+        counts = np.bincount(inverse, minlength=latents.size)
+        mass = np.bincount(inverse, weights=values[active], minlength=latents.size)
+        keep = np.flatnonzero(counts >= 2)
+        keep = keep[np.lexsort((-mass[keep], -counts[keep]))]
+        return [{"latent": int(latents[j]), "n_neighbours_using": int(counts[j]),
+                 "fraction": float(counts[j] / len(rows)), "summed_activation": float(mass[j]),
+                 "in_query": int(latents[j]) in own, "description": self._concept(latents[j])["description"]}
+                for j in keep]
 
-    def _union(self, rows: np.ndarray, query_row: int | None) -> dict:
+    def _union(self, rows: np.ndarray) -> dict:
         n_nb, k = len(rows), self.codes.k
         union = float(nbh.union_sizes(self.sparse, np.asarray(rows)[None])[0])
-        queries = np.full(N_RANDOM, -1 if query_row is None else query_row, dtype=np.int64)
-        random_rows = nbh.random_neighbourhoods(np.arange(self.store.n), queries, n_nb, self.rng_seed)
-        random_union = nbh.union_sizes(self.sparse, random_rows)
+        if n_nb not in self._random_unions:  # one baseline per size: it does not depend on the query
+            random_rows = nbh.random_neighbourhoods(np.arange(self.store.n), np.full(N_RANDOM, -1), n_nb,
+                                                    self.rng_seed)
+            self._random_unions[n_nb] = nbh.union_sizes(self.sparse, random_rows)
+        random_union = self._random_unions[n_nb]
         percentile = 100.0 * (np.mean(random_union > union) + 0.5 * np.mean(random_union == union))
         return {"size": int(union), "min": k, "max": n_nb * k,
                 "random_mean": float(random_union.mean()),
@@ -150,65 +250,79 @@ class QueryEngine:
 
     def _label(self, row: int) -> str | None:
         label = int(self.store.labels[row])
-        if label < 0:
-            return None
-        return self.store.classes[label] if label < len(self.store.classes) else str(label)
+        return None if label < 0 else self.store.classes[label]
 
     def _split_of(self, row: int) -> str | None:
-        return next((name for name, rows in self.store.split.items() if np.isin(row, rows)), None)
+        return next((name for name, rows in self.store.split.items() if np.any(rows == row)), None)
+
+
+class Reconstructions:
+    """Ψ̂ of store rows from their saved codes, ``decode(codes)`` (the codes are ``encode(x)``), batch by batch;
+    indexable like an array, so that an index is fitted on it without holding every row."""
+
+    def __init__(self, model, codes: CodeStore):
+        self.model, self.codes = model, codes
+
+    def __len__(self) -> int:
+        return self.codes.n
+
+    def __getitem__(self, rows) -> np.ndarray:
+        import torch
+
+        values, indices = self.codes.codes(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
+        with torch.no_grad():
+            out = self.model.decode(torch.from_numpy(np.asarray(values, np.float32)),
+                                    torch.from_numpy(indices.astype(np.int64)))
+        return out.float().numpy()
+
+
+def label_counts(labels) -> list[dict]:
+    """``[{"label", "n"}]`` of a neighbourhood, most common first (ties in order of appearance; ``None``:
+    unlabelled)."""
+    return [{"label": label, "n": n} for label, n in Counter(labels).most_common()]
+
+
+def far_warning(nearest: dict) -> str:
+    """The warning of a query far from everything in the store, with its evidence."""
+    return (f"this image is far from everything in the store: its nearest similarity {nearest['similarity']:.3f} "
+            f"is lower than that of {100 - nearest['store_percentile']:.1f}% of the store's own rows (their "
+            f"median {nearest['store_median']:.3f}, 1st percentile {nearest['store_p1']:.3f}, over "
+            f"{nearest['store_sample']} rows), and its neighbourhood shares {nearest['query_concepts_shared']} of "
+            f"its {nearest['query_concepts']} concepts: its neighbours and their labels say little about it")
 
 
 def embed_image(store: EmbeddingStore, image_path: str | os.PathLike, device: str = "cpu") -> np.ndarray:
     """A new image's embedding ``(d,)`` with the backbone, weights and preprocessing recorded in the store."""
-    from embeddings.backbone import WeightsError, load_backbone
+    import torch
+
     from embeddings.images import BadImage, load_rgb
+    from embeddings.store_backbone import load_store_backbone
 
     try:
         image = load_rgb(image_path)
     except BadImage as e:
         raise ValueError(f"--image {image_path} cannot be decoded: {e}") from e
-    meta, config = store.meta, store.config
-    name, weights = meta.get("backbone"), config.get("weights")
-    if not name or weights is None:
-        raise ArtifactError(f"store {store.store_dir} does not record its backbone and weights; cannot embed --image")
-    try:
-        backbone = load_backbone(name, weights, output=meta.get("output_kind", "auto"),
-                                 normalize=meta.get("normalize"), device=device)
-    except WeightsError as e:
-        raise ArtifactError(f"the backbone weights of store {store.store_dir} cannot be loaded: {e}") from e
-    recorded = meta.get("weights_sha256")
-    if recorded and backbone.info.get("weights_sha256") not in (None, recorded):
-        raise ArtifactError(f"the weights at {weights} are not those store {store.store_dir} was extracted with "
-                            "(SHA-256 differs)")
+    # The very network the store was made with: its weights, or its random weights' seed, checked by their hash.
+    backbone = load_store_backbone(store, device=device)
     with torch.no_grad():
         x = backbone.features(backbone.transform(image)[None].to(device))
     return x[0].cpu().numpy()
 
 
-def format_text(answer: dict, n_shared: int = 10) -> str:
-    """The human-readable form of a query answer."""
-    q = answer["query"]
-    who = f"row {q['row']} (id {q['id']}, label {q['label']}, split {q['split']})" if q["row"] is not None \
-        else f"image {q['image_path']}"
-    lines = [f"query: {who}", f"active concepts ({len(answer['concepts'])} of k={answer['sae']['k']}):"]
-    for c in answer["concepts"]:
-        lines.append(f"  concept {c['latent']:>5}  activation {c['activation']:.3f}  {c['description']}")
-    lines.append(f"nearest {answer['n_neighbours']} neighbours in {answer['space']} (cosine):")
-    for nb in answer["neighbours"]:
-        lines.append(f"  #{nb['rank']:<3} row {nb['row']:>7}  id {nb['id']:<20} label {str(nb['label']):<10} "
-                     f"similarity {nb['similarity']:.4f}")
-    u = answer["union"]
-    lines.append(f"the neighbourhood uses {u['size']} distinct concepts (bounds {u['min']}..{u['max']}); random "
-                 f"neighbourhoods of the same size use {u['random_mean']:.1f} ± {u['random_se']:.1f} "
-                 f"(n={u['random_n']}): percentile {u['percentile']:.0f} (share of random ones using more)")
-    shared = answer["shared_concepts"]
-    lines.append(f"concepts shared by two or more neighbours ({len(shared)}; top {min(n_shared, len(shared))}):")
-    for c in shared[:n_shared]:
-        mark = "*" if c["in_query"] else " "
-        lines.append(f" {mark}concept {c['latent']:>5}  used by {c['n_neighbours_using']:>3} neighbours  summed "
-                     f"activation {c['summed_activation']:.3f}  {c['description']}")
-    if any(c["in_query"] for c in shared[:n_shared]):
-        lines.append("  (* also active in the query)")
-    for note in answer["notes"]:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+def _check_labels(store: EmbeddingStore) -> None:
+    """Refuse labels outside ``-1 .. len(classes) - 1`` before any per-class count is allocated."""
+    if store.n and (int(store.labels.min()) < -1 or int(store.labels.max()) >= len(store.classes)):
+        raise ArtifactError(f"store {store.store_dir} holds labels {int(store.labels.min())}..."
+                            f"{int(store.labels.max())} but names {len(store.classes)} classes; a label is -1 "
+                            f"(unknown) or a class number: rebuild the store")
+
+
+def _codes_identity(codes: CodeStore) -> dict:
+    """What identifies the codes an index was built from: their recorded parents and, for a codes directory,
+    the size and modification time of its arrays (re-encoded codes get a new index)."""
+    out = {key: codes.meta.get(key) for key in ("sae_hash", "store_hash", "n", "k", "n_latents")}
+    directory = Path(codes.codes_dir)
+    if directory.is_dir():
+        out["files"] = {name: [os.stat(directory / name).st_size, os.stat(directory / name).st_mtime_ns]
+                        for name in ("indices.npy", "values.npy")}
+    return out

@@ -28,6 +28,7 @@ from analysis.stats import accuracy, measure, paired_difference
 from embeddings.store import EmbeddingStore
 from sae.codes import CodeStore
 from sae.model import TopKSAE
+from artifacts.typed import check_seed
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ConceptConfig:
     """Torch device of the linear probes (a run setting, not a statistic's) (--device)."""
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.n_neighbours < 1:
             raise ValueError(f"--n-neighbours must be >= 1, got {self.n_neighbours}")
         if self.n_queries is not None and self.n_queries < 2:

@@ -29,6 +29,7 @@ from analysis.run.rundir import close_run_dir, open_run_dir
 from analysis.run.study_stages import check_study_settings, chain_study_stage, theory_stage, width_stage
 from artifacts import ArtifactError, write_json
 from artifacts.flags import SETTINGS_FILE
+from artifacts.typed import check_seed
 
 PRESETS = ("digits", "mnist", "imagenet-clip", "theory")
 IMAGENET_ONLY = ("backbone", "weights", "sae")
@@ -80,8 +81,7 @@ class ImageStudyConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if not (math.isfinite(self.sae_epochs) and self.sae_epochs > 0):
             raise ValueError(f"--sae-epochs must be a finite number > 0, got {self.sae_epochs}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
+        check_seed(self.seed)
         if any(w < 1 for w in self.widths):
             raise ValueError(f"--widths must be positive, got {self.widths}")
 
@@ -272,11 +272,6 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
     config = preset_config(preset, **settings)
     check_run(preset, config, device, threads)
     out_dir = open_run_dir(out_dir, preset)
-    try:
-        write_json(out_dir / SETTINGS_FILE, run_settings(preset, config, device, threads))
-    except BaseException:
-        close_run_dir(out_dir)
-        raise
     set_progress(None if show_progress else False)
     t0 = time.perf_counter()
     before = torch.get_num_threads()
@@ -294,6 +289,8 @@ def reproduce(preset: str, out_dir: str | Path, device: str = "cpu", log=print, 
             report = {"sections": sections, "comparisons": [], "kept": True}
         else:
             report = write_report(preset, settings_of(config, preset), cache, sections, log=log)
+            # The settings of the run the report describes: --config of this file repeats it.
+            write_json(out_dir / SETTINGS_FILE, run_settings(preset, config, device, threads))
     finally:
         torch.set_num_threads(before)
         close_run_dir(out_dir)

@@ -34,6 +34,7 @@ from analysis.local_ttt import LocalTTT, TTTConfig, run_local, take_rows, top_di
 from analysis.ttt.chunks import evaluate
 from artifacts import ArtifactError
 from artifacts.ranks import Ranks
+from artifacts.typed import check_seed
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class TTTStudyConfig:
             raise ValueError(f"--sweep-train-fractions must be in (0, 1], got {self.sweep_train_fractions}")
         if any(k < 1 for k in self.sweep_neighbours):
             raise ValueError(f"--sweep-neighbours must all be >= 1, got {self.sweep_neighbours}")
+        check_seed(self.seed)
         if self.head_epochs < 1:
             raise ValueError(f"--head-epochs must be >= 1 (a head that never trained makes every gain meaningless), "
                              f"got {self.head_epochs}")
