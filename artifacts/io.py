@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
     """Write ``path`` atomically: yield a temporary sibling ``.NAME.tmp-PID`` open in ``mode``, then fsync it and
     rename it into place. A crash leaves the previous ``path`` (or none) and at most a temporary leftover, never
     a half-written ``path``; an exception removes the temporary. A full disk is a ``DiskFullError`` naming
-    ``path`` (the errno alone names no file)."""
+    ``path`` (the errno alone names no file). Leftovers of earlier writes of ``path`` killed mid-way (their process
+    is gone) are removed first, so that a kill never leaves them for good."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_temporaries(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -68,6 +71,29 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb"):
         raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> None:
+    """Delete ``.NAME.tmp-PID`` siblings of ``path`` whose writing process no longer runs on this host."""
+    path = Path(path)
+    try:
+        leftovers = list(path.parent.glob(f".{glob_escape(path.name)}.tmp-*"))
+    except OSError:
+        return
+    for leftover in leftovers:
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -491,3 +491,20 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
     line = error_line(info.value)
     assert line.startswith(f"error: No space left on device while writing {target} ") and "[Errno 28]" not in line
     assert list(target.parent.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_an_atomic_write_removes_the_leftovers_of_killed_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from artifacts import atomic_file
+
+    target = tmp_path / "plot [1].png"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".{target.name}.tmp-{int(dead.stdout)}"  # a process that has ended
+    leftover.write_bytes(b"half")
+    alive = tmp_path / f".{target.name}.tmp-{os.getppid()}"  # one still running: maybe writing right now
+    alive.write_bytes(b"busy")
+    with atomic_file(target) as f:
+        f.write(b"png")
+    assert target.read_bytes() == b"png" and not leftover.exists() and alive.exists()
