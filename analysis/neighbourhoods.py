@@ -18,7 +18,6 @@ per-query twin the tests compare against.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from analysis.neighbours import SparseCodes
@@ -110,45 +109,17 @@ def _mean_jaccard(lat: np.ndarray, is_active: np.ndarray, neighbour_of: np.ndarr
     m, n_nb = sizes.shape
     if n_nb < 2:
         return np.ones(m)
+    import numba  # compiled kernels load only where statistics are computed: a query process needs none
+
+    from analysis.jaccard_kernel import jaccard_kernel
+
     out = np.empty(m, dtype=np.float64)
-    _jaccard_kernel(np.ascontiguousarray(lat), np.ascontiguousarray(is_active),
+    jaccard_kernel(np.ascontiguousarray(lat), np.ascontiguousarray(is_active),
                     np.ascontiguousarray(neighbour_of, dtype=np.int64), np.ascontiguousarray(sizes, dtype=np.int64),
                     max(1, min(numba.get_num_threads(), m)), out)
     return out
 
 
-@numba.njit(cache=True, parallel=True)
-def _jaccard_kernel(lat, is_active, neighbour_of, sizes, n_slices, out):
-    m, width = lat.shape
-    n_nb = sizes.shape[1]
-    for t in numba.prange(n_slices):
-        inter = np.zeros((n_nb, n_nb), dtype=np.int64)
-        members = np.empty(n_nb, dtype=np.int64)
-        for q in range(t, m, n_slices):
-            e = 0
-            while e < width:
-                if not is_active[q, e]:
-                    e += 1
-                    continue
-                c = 0
-                latent = lat[q, e]
-                while e < width and lat[q, e] == latent:
-                    members[c] = neighbour_of[q, e]
-                    c += 1
-                    e += 1
-                for a in range(c):
-                    for b in range(a + 1, c):
-                        inter[members[a], members[b]] += 1
-            total = 0.0
-            for i in range(n_nb):
-                for j in range(i + 1, n_nb):
-                    shared = inter[i, j] + inter[j, i]
-                    union = sizes[q, i] + sizes[q, j] - shared
-                    if union > 0:
-                        total += shared / union
-                    inter[i, j] = 0
-                    inter[j, i] = 0
-            out[q] = total / (n_nb * (n_nb - 1) / 2)
 
 
 def _query_shared(codes: SparseCodes, queries: np.ndarray, lat_sorted: np.ndarray, n_nb: int) -> dict:

@@ -10,6 +10,9 @@ Rows:
   ours (defaults)        ``train_sae`` with its default schedule (k annealing and LR warm-up resolved for the run)
   ours (paper schedule)  the same with the paper's fixed fractions: k from 8k over a third of the steps,
                          warm-up over a sixth (min 5000 steps), as the defaults were before they adapted
+  ours (fp32) / (bf16)   the defaults with the precision forced (``auto`` picks one by speed: at these small
+                         sizes fp32 without measuring): bf16 chooses the same latents with exact float32
+                         values and runs only the AuxK loss in bfloat16, so quality at equal steps should match
   sparsify               eai-sparsify ``SparseCoder`` trained as its ``Trainer`` does with its defaults (Adam,
                          linear warm-up over 1000 steps then linear decay, b_dec from the first batch's mean,
                          gradient parallel to decoder rows removed, no AuxK, no k decay)
@@ -65,10 +68,12 @@ def recovery(decoder: np.ndarray, atoms: np.ndarray, usage: np.ndarray) -> tuple
     return float((best >= 0.9).mean()), float((best[rare] >= 0.9).mean())
 
 
-def run_ours(args, x, held, steps: int, seed: int, paper_schedule: bool) -> np.ndarray:
+def run_ours(args, x, held, steps: int, seed: int, kind: str) -> np.ndarray:
     extra = {}
-    if paper_schedule:
+    if kind == "paper":
         extra = dict(k_anneal_steps=min(10_000, steps // 3), lr_warmup_steps=min(5000, steps // 6))
+    if kind in ("fp32", "bf16"):
+        extra = dict(precision=kind)
     with tempfile.TemporaryDirectory() as tmp:
         train_sae(
             x, os.path.join(tmp, "sae"), SAEConfig(args.d, args.n_latents, args.k),
@@ -124,7 +129,7 @@ def mean_se(values: list[float]) -> str:
     return f"{m:.4f} ± {se:.4f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--n-atoms", type=int, default=256)
@@ -139,7 +144,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="500,1500,3000", help="comma-separated numbers of steps")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small matrices: 1 is fastest)")
-    args = parser.parse_args()
+    parser.add_argument("--rows", default=None, help="comma-separated rows to run: ours,paper,fp32,bf16,sparsify")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
 
@@ -162,7 +172,10 @@ def main() -> None:
         have_sparsify = None
     except ImportError as e:
         have_sparsify = f"skipped: sparsify is not installed ({e}); pip install -e '.[bench]' in a separate venv"
-    rows = [("ours (defaults)", "ours"), ("ours (paper schedule)", "paper"), ("sparsify SparseCoder", "sparsify")]
+    rows = [("ours (defaults)", "ours"), ("ours (paper schedule)", "paper"), ("ours (fp32)", "fp32"),
+            ("ours (bf16)", "bf16"), ("sparsify SparseCoder", "sparsify")]
+    if args.rows:
+        rows = [r for r in rows if r[1] in args.rows.split(",")]
     print(f"{'steps':>6s} {'row':24s} {'held-out FVU':>17s} {'dead fraction':>17s} {'recovered (cos>=.9)':>20s} "
           f"{'rarest quarter':>17s} {'s/run':>6s}")
     for steps in budgets:
@@ -178,7 +191,7 @@ def main() -> None:
                     fvu, dead = sparsify_metrics(model, held)
                     decoder = model.W_dec.detach().numpy()
                 else:
-                    model = run_ours(args, x, held, steps, seed, paper_schedule=kind == "paper")
+                    model = run_ours(args, x, held, steps, seed, kind)
                     metrics = evaluate(model, held)
                     fvu, dead = metrics["fvu"], metrics["dead_fraction"]
                     decoder = model.decoder_weight().detach().numpy()

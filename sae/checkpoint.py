@@ -9,7 +9,8 @@ Layout (schema ``artifacts.SCHEMA_VERSION``)::
                         normalisation, preprocessing: ``sae.provenance``), final metrics
       latent_frequency.npy  (n_latents,) float64 firing frequency of each latent (value > 0) on the rows
                         named in config.json "latent_frequency" (held-out rows when there were any)
-      meta.json         schema and package version, SHA-256 of sae.safetensors, parent store hash
+      meta.json         schema and package version, SHA-256 of sae.safetensors, parent store hash, and how it
+                        was trained ("precision": the choice of ``sae/precision.py`` and its measurement)
       *.json            optional extra records written with it (e.g. the training history)
 """
 
@@ -57,13 +58,15 @@ def save_sae(
     extra_json: dict[str, Any] | None = None,
     provenance: dict | None = None,
     latent_frequency: dict | None = None,
+    meta: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to ``sae_dir`` atomically; an existing directory is replaced only with ``overwrite``.
 
     ``extra_json`` maps file names (e.g. ``"history.json"``) to JSON-able objects written beside the weights.
     ``provenance``: what the training data was (``sae.provenance``). ``latent_frequency``: ``{"frequency":
-    (n_latents,) array, "n_rows": int, "rows": str}``, written as ``latent_frequency.npy``.
+    (n_latents,) array, "n_rows": int or None, "rows": str}``, written as ``latent_frequency.npy``. ``meta``:
+    further JSON-able records of how the SAE was made (the training precision), added to ``meta.json``.
     """
     with building(sae_dir, overwrite) as work:  # committed at the end; deleted and unlocked on an error
         tensors = {name: getattr(model, name).detach().to("cpu").contiguous() for name in PARAM_NAMES}
@@ -107,6 +110,7 @@ def save_sae(
                 "package_version": package_version(),
                 "weights_sha256": sha256_file(work / WEIGHTS_FILE),
                 "parent_store_hash": parent_store_hash,
+                **(meta or {}),
             },
         )
     return Path(sae_dir)

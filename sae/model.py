@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from sae import losses
 from sae.config import SAEConfig
+from sae.selection import PRECISIONS, select_filtered, select_plain
 from sae.sparse import SparsePattern, column_pre, gather_pre, sparse_decode
 
 
@@ -40,35 +41,6 @@ class SAEOutput:
         authors count a latent as active only when its (possibly negative) top-k value is > 0.
         """
         return self.values > 0
-
-
-CPU_BLOCK_ROWS = 1024
-"""Rows per block of the CPU encoder matmul + top-k: large enough to keep the number of parallel regions low."""
-
-TOPK_GROUP = 16
-"""Columns per group of the CPU two-stage top-k (``topk_indices``); 16 measured best for n=4096, k=16."""
-
-
-def topk_indices(pre: Tensor, k: int) -> Tensor:
-    """``torch.topk(pre, k, dim=1, sorted=True).indices`` of ``pre (b, n)``, in two cheaper stages on CPU.
-
-    Column ``c`` belongs to group ``c mod G`` (``G = n / TOPK_GROUP``). Every one of the k largest entries lies
-    in one of the k groups with the largest maxima (a group whose maximum ranks below k has k larger entries
-    elsewhere), so top-k over the ``G`` group maxima, then top-k over those groups' ``k * TOPK_GROUP``
-    columns, gives the same values as one top-k over all ``n`` columns (indices may differ only among ties,
-    which ``torch.topk`` leaves unspecified too). The strided grouping makes the group maximum a reduction
-    along contiguous rows, which vectorises; torch's CPU top-k costs per element, and this reads each
-    element once instead: 4.7 ms against 7.5-9 ms per (1024, 4096) block with k=16, measured.
-    """
-    b, n = pre.shape
-    s = TOPK_GROUP
-    if pre.device.type != "cpu" or n % s or 4 * k * s > n:
-        return torch.topk(pre, k, dim=1, sorted=True).indices
-    g = n // s
-    _, groups = torch.topk(pre.reshape(b, s, g).amax(1), k, dim=1, sorted=False)  # (b, k) of the g groups
-    cand = (groups.unsqueeze(2) + torch.arange(0, n, g, device=pre.device)).view(b, k * s)
-    _, pick = torch.topk(pre.gather(1, cand), k, dim=1, sorted=True)
-    return cand.gather(1, pick)
 
 
 @dataclass
@@ -121,7 +93,22 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        self.precision = "fp32"
+        self.last_exact_per_row = 0.0  # exact pre-activations per row that the last bf16 filter computed
         self.reset_parameters()
+
+    @property
+    def precision(self) -> str:
+        """How the latents are chosen: ``"fp32"`` (one matmul in the parameters' dtype) or ``"bf16"`` (a bf16
+        filter and exact float32 re-ranking: the same latents and values; the auxiliary losses on the dead
+        latents then run in bfloat16). A run setting, not part of the saved model (``sae/precision.py``)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {value!r}")
+        self._precision = value
 
     @property
     def is_paper(self) -> bool:
@@ -147,11 +134,9 @@ class TopKSAE(nn.Module):
         return F.normalize(self.W_dec, dim=1) if self.is_paper else self.W_dec
 
     def _selection(self, x: Tensor, k: int, dead_cols: Tensor | None = None) -> "_Selection":
-        """Choose the top-k latents of every row, without autograd.
+        """Choose the top-k latents of every row, without autograd (``sae/selection.py``, in ``precision``).
 
-        On CPU the encoder matmul and top-k run in blocks of rows so that each block's pre-activations are
-        still in cache when top-k reads them (5-10% faster measured than one (b, n) matmul), and the dense
-        ``(b, n)`` pre-activations are never held whole). Returns what the differentiable gathers need.
+        Returns what the differentiable gathers need.
         """
         with torch.no_grad():
             x_in = x - self.b_dec if self.config.subtract_decoder_bias else x
@@ -160,53 +145,34 @@ class TopKSAE(nn.Module):
                 # Authors: nn.Dropout(0.5) on the pre-activations before top-k, active in training only. The
                 # multipliers are drawn for the whole (b, n) batch at once, like nn.Dropout.
                 scale = dropout_scale((x.shape[0], self.config.n_latents), self.config.dropout, x_in)
-            b = x.shape[0]
-            if x.device.type == "cpu":
-                block = CPU_BLOCK_ROWS
-                # The bias enters the matmul as an extra input column of ones: addmm first copies the
-                # broadcast bias into its (b, n) output, a full extra pass over the largest array.
-                ones = x_in.new_ones(b, 1)
-                lhs = torch.cat([x_in, ones], 1)
-                rhs = torch.cat([self.W_enc, self.b_enc[None].to(self.W_enc.dtype)], 0)
-
-                def matmul(rows: slice, out: Tensor | None) -> Tensor:
-                    return lhs[rows] @ rhs if out is None else torch.mm(lhs[rows], rhs, out=out)
-
+            n_exact = x.shape[0] * k
+            if self._filtered(x):
+                max_scale = 1.0 / (1.0 - self.config.dropout) if scale is not None else 1.0
+                indices, raw, dead_raw, n_exact = select_filtered(
+                    x_in, self.W_enc, self.b_enc, k, scale, dead_cols, max_scale
+                )
             else:
-                block = b
-                matmul = lambda rows, out: torch.addmm(self.b_enc, x_in[rows], self.W_enc)  # noqa: E731
-            # Every block's matmul writes into one reused buffer, and the per-block results go straight into
-            # the outputs (no concatenation): fewer large temporaries, and fewer page faults when the heap
-            # grows and shrinks, 7-10 ms per step measured (b=4096, n=4096). Not under autocast, which
-            # chooses the matmul's dtype (an out= matmul would run in float32).
-            n_blocks = -(-b // block)
-            buf = None
-            if n_blocks > 1 and not torch.is_autocast_enabled(x.device.type):
-                buf = x_in.new_empty(block, self.config.n_latents)
-            indices = torch.empty(b, k, dtype=torch.long, device=x.device)
-            gathered = dead_raw = None
-            for start in range(0, b, block):
-                stop = min(start + block, b)
-                rows = slice(start, stop)
-                raw = matmul(rows, None if buf is None else buf[: stop - start])
-                if gathered is None:  # the matmul's dtype (bfloat16 under autocast)
-                    gathered = raw.new_empty(b, k)
-                    dead_raw = None if dead_cols is None else raw.new_empty(b, dead_cols.numel())
-                pre = raw if scale is None else raw * scale[rows]
-                idx = topk_indices(pre, k)
-                indices[rows] = idx
-                torch.gather(raw, 1, idx, out=gathered[rows])
-                if dead_cols is not None:
-                    torch.index_select(raw, 1, dead_cols, out=dead_raw[rows])
+                indices, raw, dead_raw = select_plain(x_in, self.W_enc, self.b_enc, k, scale, dead_cols)
+            self.last_exact_per_row = n_exact / max(x.shape[0], 1)
             return _Selection(
                 x_in=x_in,
                 indices=indices,
-                raw=gathered,
+                raw=raw,
                 scale=None if scale is None else scale.gather(1, indices),
                 dead_raw=dead_raw,
                 dead_scale=None if scale is None or dead_cols is None else scale[:, dead_cols],
                 dead_cols=dead_cols,
             )
+
+    def _filtered(self, x: Tensor) -> bool:
+        """Whether the bf16 filter chooses the latents: ``precision == "bf16"`` on float32 parameters and
+        inputs, outside autocast (which picks the matmul's dtype itself)."""
+        return (
+            self.precision == "bf16"
+            and self.W_enc.dtype == torch.float32
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def _values(self, x: Tensor, sel: "_Selection", pattern: SparsePattern) -> Tensor:
         """Differentiable (dropped-out, ReLU'd for ``topk``) pre-activations at the pattern; ``(b, k)``."""
@@ -316,14 +282,15 @@ class TopKSAE(nn.Module):
                     sub_mask = torch.zeros_like(sub).scatter_(1, keep, 1.0)
                 mask = torch.ones_like(dp).index_copy_(0, rows, sub_mask)
         code = F.relu(dead_pre) if mask is None else F.relu(dead_pre) * mask
-        residual_hat = code @ self.W_dec[dead_cols]
+        # In the dead pre-activations' dtype: bfloat16 after the bf16 filter (the matmul and its backward).
+        residual_hat = code @ self.W_dec[dead_cols].to(code.dtype)
         residual = (x - recon).detach()
         return losses.auxk_loss(residual, residual_hat, x, x_var, min(n_dead / self.config.auxk_k_effective, 1.0))
 
     def _ghost(self, x: Tensor, sel: "_Selection", recon: Tensor) -> Tensor:
         """The authors' ghost loss on dead latents: dense over the dead columns only (others are zero)."""
         ghost_pre = self._dead_pre(x, sel)
-        ghost_recon = ghost_pre @ self.decoder_weight()[sel.dead_cols] + self.b_dec
+        ghost_recon = ghost_pre @ self.decoder_weight()[sel.dead_cols].to(ghost_pre.dtype) + self.b_dec
         return losses.ghost_loss(ghost_recon, (x - recon).detach())
 
     # ----------------------------------------------------------------------------------------- helpers

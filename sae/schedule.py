@@ -9,10 +9,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from artifacts.typed import check_seed
 from sae.config import SAEConfig
 
 LR_DECAYS = ("linear", "cosine", "none")
 BIAS_INITS = ("geometric_median", "mean")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_EPOCHS = 100.0
 
 PAPER_RUN_SAMPLES = 100 * 1_231_167
@@ -68,12 +70,15 @@ class TrainConfig:
     """Rows of the seeded sample used for the bias init and the fixed FVU normaliser (the data variance)."""
     seed: int = 0
     """Seed of the initialisation, the data order and dropout."""
-    bf16: bool = False
-    """Run forward and backward under bfloat16 autocast (CPU or CUDA); parameters stay float32."""
+    precision: str = "auto"
+    """How the latents are chosen (``TopKSAE.precision``): ``fp32``; ``bf16`` (a bfloat16 matmul as a filter
+    with exact float32 re-ranking: the same latents and values, auxiliary losses in bfloat16); ``auto``: bf16
+    where it measures faster at the start of the run (``sae/precision.py``; recorded in the SAE's meta.json)."""
 
     def __post_init__(self) -> None:
         if self.n_steps is not None and self.n_epochs is not None:
             raise ValueError("pass --steps or --epochs, not both")
+        check_seed(self.seed)
         if self.n_steps is not None and self.n_steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.n_steps}")
         if self.n_epochs is not None and not self.n_epochs > 0:
@@ -102,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"--dead-threshold must be in (0, 1), got {self.dead_threshold}")
         if self.bias_init not in BIAS_INITS:
             raise ValueError(f"--bias-init must be one of {BIAS_INITS}, got {self.bias_init!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"--precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         if self.n_init_samples < 1:
             raise ValueError(f"--n-init-samples must be >= 1, got {self.n_init_samples}")
 

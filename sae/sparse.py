@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+def csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A CSR tensor built without checking its invariants (the callers build them correct)."""
     with warnings.catch_warnings():
         # CSR products are stable for this use; the "beta" notice would otherwise repeat on every step.
         warnings.simplefilter("ignore", UserWarning)
@@ -64,7 +65,7 @@ class SparsePattern:
     def t_matmul(self, weights: Tensor, dense: Tensor) -> Tensor:
         """``S^T @ dense``, shape ``(n, d)``, for ``S (b, n)`` holding ``weights (b, m)`` at the pattern."""
         crow, col, order = self.col_structure()
-        st = _csr(crow, col, weights.reshape(-1)[order].to(dense.dtype), (self.n, self.b))
+        st = csr(crow, col, weights.reshape(-1)[order].to(dense.dtype), (self.n, self.b))
         return st @ dense if dense.device.type == "cpu" else torch.sparse.mm(st, dense)
 
     def sampled_rows_dot(self, left: Tensor, right: Tensor) -> Tensor:
@@ -74,7 +75,7 @@ class SparsePattern:
         # A sampled dense-dense product on the (b, n) pattern (m entries per row, in the code's order, which
         # the CPU kernel accepts unsorted), without gathering the (b, m, d) rows: 10x faster measured.
         crow = torch.arange(0, self.b * self.m + 1, self.m)
-        pattern = _csr(crow, self.indices.reshape(-1), left.new_zeros(self.b * self.m), (self.b, self.n))
+        pattern = csr(crow, self.indices.reshape(-1), left.new_zeros(self.b * self.m), (self.b, self.n))
         return torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values().reshape(self.b, self.m)
 
 
@@ -103,7 +104,8 @@ class GatherPre(torch.autograd.Function):
         ctx.save_for_backward(x_in, W_enc)
         ctx.has_b_dec = b_dec is not None
         ctx.pattern = pattern
-        return gathered.clone()
+        # Returned as it is (autograd makes it a view with this function as its gradient): no copy.
+        return gathered
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -163,27 +165,30 @@ class ColumnPre(torch.autograd.Function):
             x_in = x if b_dec is None else x - b_dec
         ctx.save_for_backward(x_in, W_enc, cols)
         ctx.has_b_dec = b_dec is not None
-        return gathered.clone()
+        return gathered  # as GatherPre: no copy
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_in, W_enc, cols = ctx.saved_tensors
-        g = grad.to(W_enc.dtype)
+        # The matmuls run in the forward values' dtype when that is narrower (bfloat16 after the bf16 filter).
+        dtype = grad.dtype if grad.element_size() < W_enc.element_size() else W_enc.dtype
+        g = grad.to(dtype)
         need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_be = grad_bd = None
-        s = g.sum(0) if (need_be or need_bd) else None
+        s = g.to(W_enc.dtype).sum(0) if (need_be or need_bd) else None
         if need_w:
             # Built as the transpose of an (n, d) matrix, the layout GatherPre's gradient has, so that
             # autograd sums the two without a strided add (measured 30x slower than a contiguous one).
             grad_w_t = W_enc.new_zeros(W_enc.shape[1], W_enc.shape[0])
-            grad_w_t.index_copy_(0, cols, (x_in.to(W_enc.dtype).t() @ g).t())  # this matmul order is 2x faster
+            cols_grad = (x_in.to(dtype).t() @ g).t()  # this matmul order is 2x faster
+            grad_w_t.index_copy_(0, cols, cols_grad.to(W_enc.dtype))
             grad_w = grad_w_t.t()
         if need_be:
             grad_be = W_enc.new_zeros(W_enc.shape[1])
             grad_be[cols] = s
         W_cols = W_enc[:, cols] if (need_x or need_bd) else None
         if need_x:
-            grad_x = (g @ W_cols.t()).to(x_in.dtype)
+            grad_x = (g @ W_cols.t().to(dtype)).to(x_in.dtype)
         if ctx.has_b_dec and need_bd:
             grad_bd = -(W_cols @ s)
         return grad_x, grad_w, grad_be, grad_bd, None, None, None

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifacts import ArtifactError, atomic_file, check_replaceable
+from artifacts import ArtifactError, atomic_file, check_replaceable, torch_load_refusal
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def rng_state(device: torch.device) -> dict:
@@ -65,8 +65,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint (tensors and plain values only: ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a training checkpoint (tensors and plain values only: ``weights_only=True``); one that cannot be read
+    is refused naming it, and torch's advice to load it with ``weights_only=False`` never reaches the user."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip, runtime and value errors for damaged or crafted files
+        raise ArtifactError(f"the training checkpoint {path} cannot be resumed: {torch_load_refusal(e)}; run again "
+                            "with --overwrite to start the training afresh") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"the training checkpoint {path} holds {type(state).__name__}, not a checkpoint; run "
+                            "again with --overwrite to start the training afresh")
+    return state
 
 
 def rows_digest(rows: np.ndarray | None, n: int) -> str:

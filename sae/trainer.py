@@ -19,6 +19,8 @@ from artifacts.ranks import Ranks
 from sae.config import SAEConfig
 from sae.dead import CumulativeDeadTracker, WindowDeadTracker, firing_counts
 from sae.model import TopKSAE
+from sae.precision import choose_precision
+from sae.selection import PRECISIONS
 from sae.schedule import RunConfig, TrainConfig, TrainPlan, k_at, lr_at
 from sae.train_data import SMALL_DATA_ELEMENTS, TrainData, check_finite
 from sae.train_state import (
@@ -57,7 +59,6 @@ class TrainResult:
     """The SAE was complete before this call (``resume=True`` on a finished run): nothing was trained."""
 
 
-
 def make_tracker(sae_config: SAEConfig, config: TrainConfig, plan: TrainPlan):
     if sae_config.variant == "paper":
         return CumulativeDeadTracker(sae_config.n_latents, config.dead_threshold)
@@ -76,8 +77,6 @@ def allreduce_grads(params: list[torch.nn.Parameter]) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
-
-
 
 
 class Trainer:
@@ -163,6 +162,8 @@ class Trainer:
             self._load_checkpoint()
         else:
             self._init_from_data()
+            self.precision = self._choose_precision()
+        self.model.precision = self.precision["precision"]
         if self.ctx.rank > 0:
             # Every rank built the same initial model from the same seed; from here on each draws its own
             # dropout masks (paper variant), else all ranks would apply identical masks to different rows.
@@ -170,7 +171,6 @@ class Trainer:
             torch.manual_seed(hash_ints(config.seed, self.ctx.rank, self.step_))
         if self.run_config.val_every:
             self.x_val = data.heldout_sample(self.run_config.max_val_rows, config.seed)
-        self.amp = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
     def _init_from_data(self) -> None:
         sample = self.data.init_sample(self.config.n_init_samples, self.config.seed)
@@ -180,6 +180,16 @@ class Trainer:
         self.x_var = float(np.var(sample.astype(np.float64), axis=0).sum())
         if not self.x_var > 0:
             raise ValueError("the training rows have zero variance (all identical); an SAE cannot be trained on them")
+
+    def _choose_precision(self) -> dict:
+        """Rank 0 decides how the latents are chosen (``sae/precision.py``); every rank takes its decision."""
+        record: dict = {}
+        if self.ctx.is_main:
+            sample = torch.from_numpy(self.data.init_sample(self.config.n_init_samples, self.config.seed))
+            rows = -(-self.plan.batch_size // self.ctx.world_size)
+            record = choose_precision(self.config.precision, self.model, sample, rows, self.plan.k_start)
+        chosen = self.ctx.broadcast_int(PRECISIONS.index(record.get("precision", "fp32")), self.device)
+        return record if self.ctx.is_main else {"precision": PRECISIONS[chosen]}
 
     def _load_checkpoint(self) -> None:
         state = load_checkpoint(self.ckpt_path)
@@ -197,6 +207,7 @@ class Trainer:
         self.step_ = int(state["step"])
         self.x_var = float(state["x_var"])
         self.elapsed_before = float(state["elapsed_s"])
+        self.precision = dict(state["precision"])  # the same way as before the interruption, not measured again
         set_rng_state(state["rng"], self.device)
 
     def _progress_bar(self):
@@ -250,8 +261,7 @@ class Trainer:
         if b_local == 0:
             return local
         xb = torch.from_numpy(x_np).to(self.device)
-        with self.amp:
-            out = self.model(xb, k=self.k_now, dead_mask=dead, x_var=self.x_var)
+        out = self.model(xb, k=self.k_now, dead_mask=dead, x_var=self.x_var)
         # Weight this rank's mean by its share of the global batch; summed over ranks this is the
         # global-batch mean (one process: weight 1).
         (out.loss * (b_local / n_global)).backward()
@@ -328,6 +338,7 @@ class Trainer:
                     "x_var": self.x_var,
                     "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start,
                     "rng": rng_state(self.device),
+                    "precision": self.precision,
                 },
             )
         self.ctx.barrier()
@@ -351,7 +362,7 @@ class Trainer:
         save_sae(
             self.model, staged, train_config=train_record, parent_store_hash=self.parent["parent_store_hash"],
             provenance=self.parent["provenance"], metrics=final, extra_json={"metrics.json": metrics_json},
-            latent_frequency=frequency,
+            latent_frequency=frequency, meta={"precision": self.precision},
         )
         commit_dir(staged, self.out_dir, overwrite=overwrite)
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -261,9 +261,9 @@ def test_bf16_autocast_runs_and_is_close():
 @pytest.mark.parametrize("variant", ["topk", "paper", "topk-dropout"])
 def test_blocked_selection_equals_dense_twin(monkeypatch, variant):
     """The CPU encoder runs in row blocks; several blocks must give the same codes and gradients."""
-    import sae.model
+    import sae.selection
 
-    monkeypatch.setattr(sae.model, "CPU_BLOCK_ROWS", 4)
+    monkeypatch.setattr(sae.selection, "CPU_BLOCK_ROWS", 4)
     config = {
         "topk": SAEConfig(6, 30, 3, auxk_k=7),
         "paper": SAEConfig.paper(6, 30, 3),
@@ -305,7 +305,7 @@ def test_column_pre_gradients_including_input():
 @given(st.integers(1, 8), st.sampled_from([64, 256, 1024]), st.integers(1, 9), st.integers(0, 2**16))
 def test_two_stage_topk_equals_torch_topk(k, n, b, seed):
     """The CPU two-stage top-k returns the values of torch.topk, also with ties and repeated values."""
-    from sae.model import topk_indices
+    from sae.selection import topk_indices
 
     gen = torch.Generator().manual_seed(seed)
     pre = torch.randn(b, n, generator=gen, dtype=torch.float64)
@@ -326,9 +326,9 @@ def test_two_stage_topk_equals_torch_topk(k, n, b, seed):
 @pytest.mark.parametrize("auxk_k", [10, 30])  # keep the k_aux largest, or drop the smallest (2 k_aux > n_dead)
 def test_wide_model_equals_dense_twin(monkeypatch, variant, dead_bias, auxk_k):
     """Shapes where the two-stage top-k runs, with AuxK rows above and below k_aux positive dead latents."""
-    import sae.model
+    import sae.selection
 
-    monkeypatch.setattr(sae.model, "CPU_BLOCK_ROWS", 16)
+    monkeypatch.setattr(sae.selection, "CPU_BLOCK_ROWS", 16)
     extra = {"dropout": 0.3} if variant == "topk-dropout" else {}
     config = SAEConfig(8, 256, 4, auxk_k=auxk_k, **extra)
     fast, dense = make_pair(config, 7)
@@ -349,14 +349,14 @@ def test_wide_model_equals_dense_twin(monkeypatch, variant, dead_bias, auxk_k):
 
 def test_blocked_selection_under_autocast_matches_one_block(monkeypatch):
     """Under autocast the blocked CPU encoder keeps the autocast matmul (no float32 out= buffer)."""
-    import sae.model
+    import sae.selection
 
     model = TopKSAE(SAEConfig(16, 64, 4))
     x = torch.randn(40, 16)
     dead = torch.rand(64) < 0.3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         one = model(x, dead_mask=dead)
-        monkeypatch.setattr(sae.model, "CPU_BLOCK_ROWS", 8)
+        monkeypatch.setattr(sae.selection, "CPU_BLOCK_ROWS", 8)
         blocked = model(x, dead_mask=dead)
     assert torch.equal(one.indices, blocked.indices)
     torch.testing.assert_close(one.loss, blocked.loss, rtol=0, atol=0)

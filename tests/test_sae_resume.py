@@ -113,3 +113,20 @@ def test_resume_without_checkpoint_starts_fresh_and_rerun_needs_a_flag(store, re
     resumed = run(common(store, out) + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert_bitwise_equal(reference, out)
+
+
+def test_a_damaged_or_pickled_checkpoint_is_refused_without_unpickling_advice(tmp_path):
+    from fractions import Fraction
+
+    import torch
+
+    from artifacts import ArtifactError
+
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"step": 3, "ratio": Fraction(1, 2)}, pickled)
+    for path in (damaged, pickled):
+        with pytest.raises(ArtifactError, match=str(path)) as e:
+            load_checkpoint(path)
+        assert "weights_only" not in str(e.value) and "--overwrite" in str(e.value)

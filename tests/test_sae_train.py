@@ -330,7 +330,7 @@ def test_training_reduces_fvu_and_writes_a_loadable_sae(tmp_path):
 def test_paper_variant_and_bf16_train(tmp_path):
     x = blobs(200, 8)
     cfg = SAEConfig.paper(d_in=8, n_latents=32, k=2)
-    res = train_sae(x, tmp_path / "p", cfg, TrainConfig(n_steps=20, batch_size=50, bf16=True), QUIET)
+    res = train_sae(x, tmp_path / "p", cfg, TrainConfig(n_steps=20, batch_size=50, precision="bf16"), QUIET)
     assert np.isfinite(res.history[-1]["loss"])
     assert load_sae(tmp_path / "p").config.variant == "paper"
 
@@ -399,7 +399,7 @@ def test_script_trains_a_store_end_to_end(store, tmp_path, capsys):
 def test_script_rejects_bad_flags_with_clear_errors(store, tmp_path, capsys):
     base = ["--store", str(store.store_dir), "--no-progress", "--device", "cpu"]
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--steps", "5", "--epochs", "1", capsys=capsys)
-    assert code == 2 and "not allowed with argument" in err
+    assert code == 2 and "pass --steps or --epochs, not both" in err
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--k", "500", "--steps", "2", capsys=capsys)
     assert code == 2 and "--k must be in [1, --n-latents=64]" in err
     code, _, err = run_script(*base, "--out", str(tmp_path / "a"), "--split", "nope", capsys=capsys)
