@@ -156,7 +156,8 @@ class NeighbourIndex:
             raise ValueError("query kind (sparse codes or dense array) must match what the index was fitted on")
         n_extra = 0 if exclude is None else 1
         if not 1 <= n_neighbours <= self.n_ - n_extra:
-            raise ValueError(f"n_neighbours must be in [1, {self.n_ - n_extra}], got {n_neighbours}")
+            rows = "the indexed rows" if exclude is None else "the indexed rows but the query itself"
+            raise ValueError(f"--n-neighbours must be in [1, {self.n_ - n_extra}] ({rows}), got {n_neighbours}")
         scores = np.empty((m, n_neighbours), dtype=np.float32)
         rows = np.empty((m, n_neighbours), dtype=np.int64)
         for start, stop in self.backend_.batches(queries, m, self.batch_size):
