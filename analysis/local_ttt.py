@@ -10,11 +10,17 @@ Three implementations of the same protocol (``impl``): ``reference`` is the plai
 ``torch.optim.Adam``), the twin every faster path is tested against; ``exact`` and ``fast`` are batched
 (``analysis/batched_ttt.py``). Baselines: the global head, and the kNN vote in the same space (unweighted
 majority; ties go to the class of the nearest tied neighbour) or, for regression, the neighbours' mean.
+
+``precision="auto"`` runs the batched modes' matmuls in bf16 only where bf16 matmuls are native (a CPU with
+``avx512_bf16`` or AMX, a CUDA device that supports them) *and* the mode measures faster with them at the
+problem's shape, once per process (``choose_precision``); small problems stay float32 without a measurement.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,12 +29,20 @@ from torch import nn
 
 from analysis.heads import Head, dense_rows, head_features, head_loss, head_outputs, n_rows
 from analysis.neighbours import NeighbourIndex, SparseCodes
-from analysis.batched_ttt import LocalOutputs, queries_per_batch, ttt_exact, ttt_fast
+from analysis.batched_ttt import FAST_CHUNK, LocalOutputs, exact_block, queries_per_batch, ttt_exact, ttt_fast
+from sae.precision import native_bf16
 
 MODES = ("erm", "sequential")
 IMPLS = ("reference", "exact", "fast")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
 TOP = 10
+SMALL_MACS = 1 << 22
+"""Below this many multiply-adds in one query's global outputs (``n_neighbours × n_features × n_outputs``) a
+step's matmuls take microseconds and bf16 cannot pay for its casts: ``auto`` keeps float32 without measuring,
+so that small problems never depend on a timing."""
+BF16_GAIN = 1.15
+"""``auto`` takes bf16 only when the mode measures at least this much faster with it: a margin against timing
+noise (the one ``sae/precision.py`` uses), since bf16 also rounds the change's matmuls."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,9 @@ class TTTConfig:
     """Neighbour metric: ``l2`` (the paper's exact L2 kNN) or ``cosine`` (--metric)."""
     impl: str = "exact"
     """``reference`` (per-query loop), ``exact`` (batched, same algorithm) or ``fast`` (--impl)."""
-    precision: str = "float32"
-    """Matmul precision of the batched modes: ``float32`` or ``bfloat16`` (--precision)."""
+    precision: str = "auto"
+    """Matmul precision of the batched modes: ``auto`` (bf16 where native and measured faster), ``float32`` or
+    ``bfloat16`` (--precision)."""
     seed: int = 0
     """Seed of everything random in TTT and its analyses (--seed)."""
 
@@ -142,18 +157,71 @@ def run_local(last: nn.Linear, Z: torch.Tensor, y: torch.Tensor, q: torch.Tensor
     if config.impl == "reference":
         return ttt_reference(last, Z, y, q, **kw)
     W0, b0 = last.weight.detach().float(), last.bias.detach().float()
-    dtype = torch.bfloat16 if config.precision == "bfloat16" else torch.float32
-    if config.impl == "exact" or keep_weights:
+    impl = "exact" if keep_weights else config.impl
+    precision = choose_precision(config.precision, impl, Z.device.type, *Z.shape[1:], W0.shape[0])["precision"]
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    if impl == "exact":
         return ttt_exact(W0, b0, Z, y, q, dtype=dtype, keep_weights=keep_weights, **kw)
     return ttt_fast(W0, b0, Z, y, q, dtype=dtype, **kw)
+
+
+# -- precision ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def choose_precision(requested: str, impl: str, device: str, n_neighbours: int, n_features: int,
+                     n_outputs: int) -> dict:
+    """The matmul precision of ``impl`` for problems of this shape: ``requested`` unless it is ``auto``; then
+    bf16 where it is native and ``impl`` measures ``BF16_GAIN`` times faster with it. Decided once per process
+    and shape. Returns ``{"precision", "requested", "reason"}`` plus, when measured, each way's milliseconds."""
+    record = {"requested": requested}
+    if requested != "auto":
+        return {**record, "precision": requested, "reason": "requested"}
+    if impl == "reference":
+        return {**record, "precision": "float32", "reason": "the reference loop is float32"}
+    macs = n_neighbours * n_features * n_outputs
+    if not native_bf16(torch.device(device)):
+        return {**record, "precision": "float32", "reason": f"no native bfloat16 matmul on {device}"}
+    if macs < SMALL_MACS:
+        return {**record, "precision": "float32",
+                "reason": f"{macs} multiply-adds per query are too few to gain (threshold {SMALL_MACS})"}
+    times = time_precisions(impl, device, n_neighbours, n_features, n_outputs)
+    faster = times["bfloat16_ms"] * BF16_GAIN < times["float32_ms"]
+    reason = (f"{impl} with bf16 matmuls {times['bfloat16_ms']:.1f} ms against float32 {times['float32_ms']:.1f} ms "
+              f"on {times['queries']} queries of {times['steps']} steps (needs {BF16_GAIN}x)")
+    return {**record, "precision": "bfloat16" if faster else "float32", "reason": reason, **times}
+
+
+def time_precisions(impl: str, device: str, n: int, h: int, C: int, steps: int = 10, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` milliseconds of ``impl`` on random problems of this shape in each precision,
+    interleaved: one exact block, or one fast chunk whose neighbourhoods hold a few classes each, per torch
+    thread (the chunks run side by side, as in a real batch)."""
+    gen = torch.Generator().manual_seed(0)
+    B = (exact_block(C, h) if impl == "exact" else FAST_CHUNK) * max(1, torch.get_num_threads())
+    Z = (torch.randn(B, n, h, generator=gen) / h ** 0.5).to(device)
+    y = torch.randint(0, min(C, 6), (B, n), generator=gen).to(device)
+    W0, b0 = (torch.randn(C, h, generator=gen) / h ** 0.5).to(device), torch.zeros(C, device=device)
+    run = ttt_exact if impl == "exact" else ttt_fast
+    best = {}
+    for i in range(repeats + 1):
+        for dtype in (torch.float32, torch.bfloat16):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(W0, b0, Z, y, Z[:, 0], mode="erm", steps=steps, lr=1e-2, task="classification", dtype=dtype)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first round warms up
+                key = f"{str(dtype).split('.')[-1]}_ms"
+                best[key] = round(min(best.get(key, float("inf")), 1e3 * (time.perf_counter() - start)), 3)
+    return {**best, "queries": B, "steps": steps}
 
 
 # -- the estimator ----------------------------------------------------------------------------------------
 class LocalTTT:
     """Local TTT around a trained global ``head``, in the scikit-learn habit.
 
-    ``fit(x_train, y_train)`` indexes the training features ``head.body(x_train)``; ``predict(x_query)`` returns
-    a ``TTTResult``. ``memory_bytes`` bounds what one batch of queries holds (the batch adapts to it).
+    ``fit(x_train, y_train)`` indexes the training features ``head.body(x_train)`` and settles the matmul
+    precision (``precision_``: the choice, why, and the timings it rests on); ``predict(x_query)`` returns a
+    ``TTTResult``. ``memory_bytes`` bounds what one batch of queries holds (the batch adapts to it).
     """
 
     def __init__(self, head: Head, config: TTTConfig = TTTConfig(), *, device: str = "cpu",
@@ -176,6 +244,8 @@ class LocalTTT:
         if isinstance(self.features_, SparseCodes) and self.config.metric != "cosine":
             raise ValueError("neighbours in code space are searched by cosine: pass --metric cosine")
         self.labels_ = np.asarray(y_train)
+        self.precision_ = dict(choose_precision(self.config.precision, self.config.impl, self.device.type,
+                                                self.config.n_neighbours, self.head.n_features, self.head.n_outputs))
         self.index_ = NeighbourIndex(metric=self.config.metric).fit(self.features_)
         return self
 

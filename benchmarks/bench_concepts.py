@@ -88,12 +88,13 @@ def bench_views(codes: SparseCodes) -> tuple:
     return cs, index
 
 
-def bench_dense(x: np.ndarray, n_queries: int, skip_hnsw: bool, seed: int, nlist: int | None) -> np.ndarray:
-    print("\n== dense search in embeddings (cosine), 50 neighbours ==")
+def bench_dense(x: np.ndarray, n_queries: int, skip_hnsw: bool, seed: int, nlist: int | None,
+                device: str = "cpu") -> np.ndarray:
+    print(f"\n== dense search in embeddings (cosine), 50 neighbours, FAISS on {device} ==")
     rng = np.random.default_rng(seed)
     qrows = rng.choice(len(x), n_queries, replace=False)
     q = x[qrows]
-    exact_index, t_build = timed(NeighbourIndex().fit, x)
+    exact_index, t_build = timed(NeighbourIndex(device=device).fit, x)
     (_, exact), t_exact = timed(exact_index.search, q, 50)
     # Floor: the bare matmul of the same queries against every row, in the index's batch size.
     t = time.perf_counter()
@@ -109,7 +110,7 @@ def bench_dense(x: np.ndarray, n_queries: int, skip_hnsw: bool, seed: int, nlist
     built: dict[str, tuple] = {}
     for factory, knob, value in rows:
         if factory not in built:
-            built[factory] = timed(NeighbourIndex(factory=factory).fit, x)
+            built[factory] = timed(NeighbourIndex(factory=factory, device=device).fit, x)
             print(f"{factory}: build {built[factory][1]:.1f} s, +{peak_mb():.0f} MB peak RSS so far")
         index = built[factory][0].set_search_parameters(**{knob: value})
         (_, found), t = timed(index.search, q, 50)
@@ -183,6 +184,7 @@ def main() -> None:
     parser.add_argument("--sections", default="dense,codes,sharing",
                         help="comma-separated sections to run after the CodeStore views")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="FAISS device of the dense section: cpu or cuda (faiss-gpu)")
     args = parser.parse_args()
     print(f"machine: {os.uname().machine} cpus={os.cpu_count()} torch={torch.__version__} "
           f"threads={torch.get_num_threads()} load average {os.getloadavg()[0]:.1f}")
@@ -194,7 +196,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     _, code_index = bench_views(codes)
     if "dense" in sections:
-        bench_dense(x, args.n_queries, args.skip_hnsw, args.seed, args.nlist)
+        bench_dense(x, args.n_queries, args.skip_hnsw, args.seed, args.nlist, args.device)
     if "codes" in sections:
         bench_code_search(codes, code_index, args.n_queries, args.subsample, args.seed)
     if "sharing" in sections:

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from analysis import batched_ttt, local_ttt
+from analysis.batched_ttt import stacked_adam
 from analysis.heads import HeadConfig, head_loss, train_head
 from analysis.stats import accuracy, paired_difference
-from analysis.local_ttt import LocalTTT, TTTConfig, knn_majority
+from analysis.local_ttt import LocalTTT, TTTConfig, choose_precision, knn_majority, run_local
 from analysis.ttt.data import SparseTopics, isotropic, sparse_topics
 
 IMPLS = ["reference", "exact", "fast"]
@@ -76,8 +78,8 @@ def test_exact_equals_reference_and_fast_agrees(topics):
     x, y, head = topics
     q = x[2500:2700]
     ref = _ttt(head, x, y, n_neighbours=30, impl="reference").predict(q)
-    exact = _ttt(head, x, y, n_neighbours=30, impl="exact").predict(q)
-    fast = _ttt(head, x, y, n_neighbours=30, impl="fast").predict(q)
+    exact = _ttt(head, x, y, n_neighbours=30, impl="exact", precision="float32").predict(q)
+    fast = _ttt(head, x, y, n_neighbours=30, impl="fast", precision="float32").predict(q)
     assert np.array_equal(ref.neighbours, exact.neighbours)
     assert (ref.predictions == exact.predictions).mean() >= 0.995
     np.testing.assert_allclose(exact.loss_curve, ref.loss_curve, rtol=1e-3, atol=1e-5)
@@ -91,12 +93,62 @@ def test_fast_is_exact_when_every_class_is_present():
     x, y = isotropic(n=600, dim=6, n_classes=3, seed=2)
     head = train_head(x[:500], y[:500], HeadConfig(epochs=2))
     kw = dict(n_neighbours=40, steps=20)
-    exact = LocalTTT(head, TTTConfig(impl="exact", **kw)).fit(x[:500], y[:500]).predict(x[500:])
-    fast = LocalTTT(head, TTTConfig(impl="fast", **kw)).fit(x[:500], y[:500]).predict(x[500:])
+    runs = {impl: LocalTTT(head, TTTConfig(impl=impl, **kw)).fit(x[:500], y[:500]).predict(x[500:])
+            for impl in IMPLS}
+    fast, exact, ref = runs["fast"], runs["exact"], runs["reference"]
     all_present = np.array([len(set(y[nb])) == 3 for nb in exact.neighbours])
     assert all_present.mean() > 0.5
-    np.testing.assert_allclose(fast.loss_curve[all_present], exact.loss_curve[all_present], rtol=1e-4, atol=1e-6)
-    assert np.array_equal(fast.predictions[all_present], exact.predictions[all_present])
+    for twin in (exact, ref):
+        np.testing.assert_allclose(fast.loss_curve[all_present], twin.loss_curve[all_present], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(fast.update_norm[all_present], twin.update_norm[all_present], rtol=1e-4)
+        assert np.array_equal(fast.predictions[all_present], twin.predictions[all_present])
+
+
+@pytest.mark.parametrize("impl", ["exact", "fast"])
+def test_results_do_not_depend_on_how_the_queries_are_chunked(topics, impl, monkeypatch):
+    x, y, head = topics
+    ttt = _ttt(head, x, y, n_neighbours=12, steps=8, impl=impl, precision="float32")
+    whole = ttt.predict(x[2500:2560])
+    monkeypatch.setattr(batched_ttt, "FAST_CHUNK", 7)                      # fast: sorted chunks of 7
+    monkeypatch.setattr(batched_ttt, "EXACT_BLOCK_BYTES", 5 * 16 * 16 * 33)  # exact: blocks of 5 heads
+    assert batched_ttt.exact_block(16, 32) == 5
+    chunked = ttt.predict(x[2500:2560])
+    assert np.array_equal(chunked.predictions, whole.predictions)
+    for key in ("final_loss", "update_norm", "loss_curve"):
+        np.testing.assert_allclose(getattr(chunked, key), getattr(whole, key), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["exact", "fast"])
+def test_chunks_on_threads_equal_chunks_in_turn(topics, impl, monkeypatch):
+    x, y, head = topics
+    ttt = _ttt(head, x, y, n_neighbours=12, steps=8, impl=impl, precision="float32")
+    monkeypatch.setattr(batched_ttt, "FAST_CHUNK", 7)
+    monkeypatch.setattr(batched_ttt, "EXACT_BLOCK_BYTES", 5 * 16 * 16 * 33)
+    in_turn = ttt.predict(x[2500:2560])                                    # one torch thread: chunks in turn
+    torch.set_num_threads(2)
+    on_threads = ttt.predict(x[2500:2560])                                 # a Python thread per torch thread
+    assert torch.get_num_threads() == 2                                    # the caller's setting is back
+    assert np.array_equal(on_threads.predictions, in_turn.predictions)
+    for key in ("final_loss", "update_norm", "loss_curve"):
+        np.testing.assert_allclose(getattr(on_threads, key), getattr(in_turn, key), rtol=1e-5, atol=1e-7)
+
+
+def test_kept_weights_are_the_reference_heads(topics):
+    x, y, head = topics
+    config = TTTConfig(n_neighbours=10, steps=15, impl="exact", precision="float32")
+    ttt = LocalTTT(head, config).fit(x[:2500], y[:2500])
+    Z, t, q = ttt.local_problems(x[2500:2506], ttt.neighbours(x[2500:2506]), np.arange(6))
+    with torch.no_grad():
+        W, b = run_local(head.last, Z, t, q, config, "classification", keep_weights=True).weights
+    for i in range(6):
+        layer = copy.deepcopy(head.last)
+        opt = torch.optim.Adam(layer.parameters(), lr=config.lr)
+        for _ in range(config.steps):
+            opt.zero_grad()
+            head_loss("classification", layer(Z[i]), t[i]).backward()
+            opt.step()
+        torch.testing.assert_close(W[i], layer.weight.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[i], layer.bias.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_ttt_helps_on_locally_sparse_labels(topics):
@@ -158,23 +210,23 @@ def test_memory_bound_sets_the_query_batch(topics):
     np.testing.assert_allclose(a.final_loss, b.final_loss, rtol=1e-5)
 
 
-def test_fused_adam_is_the_pure_adam_step():
-    from analysis.batched_ttt import AdamMoments, adam_step, fused_adam_step
-
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_adam_over_the_stack_is_per_head_adam(fused):
     gen = torch.Generator().manual_seed(0)
-    p1 = torch.randn(3, 7, 5, generator=gen)
-    p2 = p1.clone()
-    m1, m2 = AdamMoments.like(p1), AdamMoments.like(p2)
-    ref = torch.nn.Parameter(p1.clone())
-    opt = torch.optim.Adam([ref], lr=0.01)
-    for step in range(1, 20):
-        g = torch.randn(3, 7, 5, generator=gen) * 10 ** -(step % 4)
-        adam_step(p1, g, m1, step, 0.01)
-        fused_adam_step(p2, g, m2, step, 0.01)
-        ref.grad = g.clone()
+    stack = torch.randn(3, 7, 5, generator=gen)
+    heads = [torch.nn.Parameter(stack[i].clone()) for i in range(3)]
+    per_head = [torch.optim.Adam([h], lr=0.01) for h in heads]   # what the reference loop runs
+    opt = stacked_adam([stack], 0.01) if fused else torch.optim.Adam([stack], lr=0.01, foreach=True)
+    for step in range(1, 30):
+        g = torch.randn(3, 7, 5, generator=gen) * 10 ** -(step % 5)   # scales down to below Adam's eps
+        stack.grad = g.clone()
         opt.step()
-    assert torch.equal(p1, ref.detach())  # the pure step is torch.optim.Adam's update, op for op
-    torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
+        for i in range(3):
+            heads[i].grad = g[i].clone()
+            per_head[i].step()
+    assert bool(opt.defaults["fused"]) == fused and opt.defaults["weight_decay"] == 0
+    for i in range(3):   # the kernels round differently (fused multiply-adds), never more than that
+        torch.testing.assert_close(stack[i], heads[i].detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_mlp_head_trains_its_last_layer_on_hidden_neighbours(topics):
@@ -195,6 +247,27 @@ def test_bf16_matmuls_mostly_agree_with_fp32(topics):
     for impl in ("exact", "fast"):
         bf16 = _ttt(head, x, y, n_neighbours=20, impl=impl, precision="bfloat16").predict(q)
         assert (bf16.predictions == fp32.predictions).mean() >= 0.97
+
+
+@pytest.fixture
+def fresh_choice():
+    """No precision decided before the test is reused in it, and none decided in it outlives it."""
+    choose_precision.cache_clear()
+    yield
+    choose_precision.cache_clear()
+
+
+def test_auto_precision_is_float32_unless_bf16_is_native_and_measured_faster(monkeypatch, fresh_choice):
+    small = choose_precision("auto", "exact", "cpu", 10, 32, 16)
+    assert small["precision"] == "float32" and "too few" in small["reason"]       # decided without a timing
+    assert choose_precision("bfloat16", "fast", "cpu", 10, 32, 16)["precision"] == "bfloat16"
+    assert choose_precision("auto", "reference", "cpu", 60, 512, 1000)["precision"] == "float32"
+    monkeypatch.setattr(local_ttt, "native_bf16", lambda device: False)
+    assert "no native" in choose_precision("auto", "fast", "cpu", 60, 512, 1000)["reason"]
+    monkeypatch.setattr(local_ttt, "native_bf16", lambda device: True)
+    big = choose_precision("auto", "fast", "cpu", 20, 256, 1000)
+    assert big["float32_ms"] > 0 and big["bfloat16_ms"] > 0
+    assert (big["precision"] == "bfloat16") == (big["bfloat16_ms"] * local_ttt.BF16_GAIN < big["float32_ms"])
 
 
 @pytest.mark.gpu

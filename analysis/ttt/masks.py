@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from analysis.neighbours import SparseCodes
 from analysis.stats import accuracy, measure, paired_difference
-from analysis.batched_ttt import AdamMoments, adam_step
 
 MASK_KINDS = ("none", "query", "learned")
 
@@ -104,8 +103,11 @@ def masked_ttt(last: nn.Linear, prob: UnionProblems, y: Tensor, config: MaskConf
     b = last.bias.detach().expand(B, -1).clone().requires_grad_(True)
     if config.kind == "learned":
         a = torch.full((B, U), config.mask_init).requires_grad_(True)
-    params = [(Wt, config.lr), (b, config.lr)] + ([(a, config.mask_lr)] if config.kind == "learned" else [])
-    moments = [AdamMoments.like(p) for p, _ in params]
+    # One Adam over the stacked problems is one Adam per problem: Adam is elementwise and all take the same steps.
+    groups = [{"params": [Wt, b], "lr": config.lr}]
+    if config.kind == "learned":
+        groups.append({"params": [a], "lr": config.mask_lr})
+    opt = torch.optim.Adam(groups)
 
     def mask() -> Tensor:
         if config.kind == "none":
@@ -115,7 +117,7 @@ def masked_ttt(last: nn.Linear, prob: UnionProblems, y: Tensor, config: MaskConf
         soft = torch.sigmoid(a)
         return ((a > 0).float() + soft - soft.detach()) * prob.valid   # straight-through estimator
 
-    for t in range(1, config.steps + 1):
+    for _ in range(config.steps):
         m = mask()
         logits = torch.bmm(prob.Z * m[:, None, :], Wt) + b[:, None, :]
         loss = nn.functional.cross_entropy(logits.reshape(B * n, -1), y.reshape(-1), reduction="sum") / n
@@ -123,10 +125,9 @@ def masked_ttt(last: nn.Linear, prob: UnionProblems, y: Tensor, config: MaskConf
             # Per problem: λ times the mean keep-probability over its union (problems are summed, as the CE).
             kept = (torch.sigmoid(a) * prob.valid).sum(1) / prob.valid.sum(1).clamp_min(1)
             loss = loss + config.lam * kept.sum()
-        grads = torch.autograd.grad(loss, [p for p, _ in params])
-        with torch.no_grad():
-            for (p, lr), g, mom in zip(params, grads, moments):
-                adam_step(p, g, mom, t, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     with torch.no_grad():
         m = mask()
         logits = torch.bmm((prob.q * m)[:, None, :], Wt).squeeze(1) + b
