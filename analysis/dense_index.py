@@ -25,6 +25,12 @@ TRAIN_ROWS_PER_LIST = 64
 """Training rows per IVF list (FAISS asks for at least 39 and samples down to 256)."""
 EXACT_BLOCK = 32768
 """Indexed rows per block of ``exact_search``'s matrix product."""
+SCAN_MIN_QUERIES = 256
+"""From this many queries in one call, a Flat index on the CPU is searched by ``scan_search`` (torch's matrix
+product) instead of FAISS's own scan. Fewer queries stay with FAISS, so that a process asking one query never
+imports torch (``scripts/query.py --json``)."""
+SCAN_BLOCK = 16384
+"""Indexed rows per block of ``scan_search``: a (1024, 16384) float32 block of scores is 64 MiB."""
 
 
 def prepare(x, metric: str, row_numbers: np.ndarray | None = None, what: str = "the features") -> np.ndarray:
@@ -141,6 +147,9 @@ class DenseIndex:
         q = prepare(q, self.metric)
         if q.shape[1] != self.dim_:
             raise ValueError(f"queries have width {q.shape[1]}, the index {self.dim_}")
+        rows = flat_rows(self.index_) if self.device == "cpu" and len(q) >= SCAN_MIN_QUERIES else None
+        if rows is not None and want <= len(rows):
+            return scan_search(rows, q, want, self.metric)
         scores, pos = self.index_.search(q, want)
         if (pos < 0).any():
             raise RuntimeError(f"the FAISS index {self.factory!r} found fewer than {want} neighbours; "
@@ -177,6 +186,46 @@ def _ivf(index):
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def flat_rows(index) -> np.ndarray | None:
+    """The rows a FAISS Flat index stores, as an ``(n, d)`` float32 view of its own memory (no copy; a memory-
+    mapped index stays mapped), or ``None`` for any other index."""
+    if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def scan_search(rows: np.ndarray, q: np.ndarray, want: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS Flat's answer, ``(scores, positions)`` nearest first (cosine, or squared L2 distance), computed by
+    blocks of ``SCAN_BLOCK`` rows through torch's matrix product and a running top-``want``.
+
+    Why: FAISS's CPU wheel scans with its bundled BLAS several times slower than torch's matrix product (1,024
+    queries over 100,000 rows of width 512 on 2 cores: 3.0 s against 0.85 s, of which 0.6 s the product at 175
+    GFLOP/s), and the exact searches of a run at ImageNet's size are tens of TFLOP (50,000 TTT queries over 1.23M
+    rows: 63). Ties are broken towards the lower position, as in ``exact_search``, this function's plain twin.
+    """
+    import torch
+
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    m = qt.shape[0]
+    best_s, best_r = torch.empty(m, 0), torch.empty(m, 0, dtype=torch.int64)
+    for start in range(0, len(rows), SCAN_BLOCK):
+        block = torch.from_numpy(rows[start:start + SCAN_BLOCK])
+        s = qt @ block.T                                        # higher is nearer: the cosine, or
+        if metric != "cosine":                                  # 2 q·x − |x|², the squared distance less |q|²
+            s.mul_(2).sub_(block.pow(2).sum(1))
+        s, r = torch.topk(s, min(want, s.shape[1]), dim=1)
+        s, r = torch.cat([best_s, s], 1), torch.cat([best_r, r.add_(start)], 1)
+        best_s, keep = torch.topk(s, min(want, s.shape[1]), dim=1)
+        best_r = r.gather(1, keep)
+    order = torch.sort(best_r, dim=1).indices                      # lower position first among equal scores
+    best_s, best_r = best_s.gather(1, order), best_r.gather(1, order)
+    order = torch.sort(best_s, dim=1, descending=True, stable=True).indices
+    best_s, best_r = best_s.gather(1, order), best_r.gather(1, order)
+    if metric != "cosine":
+        best_s = qt.pow(2).sum(1, keepdim=True) - best_s
+    return best_s.numpy(), best_r.numpy()
 
 
 def exact_search(data, queries: np.ndarray, want: int, metric: str = "cosine",

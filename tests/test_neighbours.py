@@ -282,3 +282,29 @@ def test_nan_features_are_refused_naming_the_file_and_the_row(tmp_path):
         NeighbourIndex().fit(mapped)
     with pytest.raises(ValueError, match=r"the first row 13"):
         NeighbourIndex().fit(mapped, rows=np.arange(5, 20))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_flat_index_scanned_by_blocks_answers_as_faiss_and_the_plain_twin(metric, monkeypatch):
+    """Many queries on a Flat index go through ``scan_search`` (torch's matrix product by blocks); it finds the
+    rows FAISS's own scan and ``exact_search`` find, with the same scores, nearest first."""
+    from analysis import dense_index
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    q = rng.normal(size=(dense_index.SCAN_MIN_QUERIES, 16)).astype(np.float32)
+    monkeypatch.setattr(dense_index, "SCAN_BLOCK", 700)      # several blocks and a short last one: the merge
+    index = dense_index.DenseIndex(metric, "Flat").fit(x, None)
+    assert dense_index.flat_rows(index.index_) is not None
+    calls, scan = [], dense_index.scan_search
+    monkeypatch.setattr(dense_index, "scan_search", lambda *a: calls.append(1) or scan(*a))
+    scores, rows = index.search(q, 9)
+    assert calls, "a Flat index asked this many queries is scanned by blocks"
+    f_scores, f_rows = index.index_.search(dense_index.prepare(q, metric), 9)
+    t_scores, t_rows = dense_index.exact_search(x, q, 9, metric)
+    for other_scores, other_rows in ((f_scores, f_rows), (t_scores, t_rows)):
+        assert np.array_equal(rows, other_rows)
+        np.testing.assert_allclose(scores, other_scores, rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(scores, axis=1) <= 0 if metric == "cosine" else np.diff(scores, axis=1) >= 0)
+    few, few_rows = index.search(q[:5], 9)                       # a few queries: FAISS's own scan
+    assert len(calls) == 1 and np.array_equal(few_rows, rows[:5])
