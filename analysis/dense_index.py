@@ -82,6 +82,11 @@ class DenseIndex:
         index = self._make()
         if not index.is_trained:
             self._train(index, data, rows, n, seed)
+        if isinstance(index, faiss.IndexFlatCodes) and n > ADD_BATCH:
+            # Sized once: added batch by batch, its storage (a std::vector) would grow by doubling and, at the
+            # last growth, hold the old buffer beside the new one (1.8 times the index at its peak).
+            index.codes.resize(n * index.code_size)
+            index.codes.resize(0)                                # the capacity stays
         index.add(first)
         for start in range(ADD_BATCH, n, ADD_BATCH):
             stop = min(start + ADD_BATCH, n)

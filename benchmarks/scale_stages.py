@@ -25,14 +25,9 @@ def mib(n_bytes: float) -> str:
 
 
 def flat_index(n_rows: int, d: int) -> str:
-    """A FAISS Flat index of ``n_rows`` float32 rows as ``analysis/dense_index.py`` builds it: rows added 65,536 at a
-    time, so its storage (a ``std::vector``) grows by doubling, and its last growth holds the old buffer and the new
-    one at once."""
-    storage = f"FAISS Flat storage ({n_rows:,}, {d}) float32 = {mib(n_rows * d * 4)}"
-    if n_rows <= 65536:
-        return storage
-    old = 65536 * 2 ** (int(np.ceil(np.log2(n_rows / 65536))) - 1) * d * 4
-    return f"{storage}, and at its last growth by doubling the old {mib(old)} buffer beside it"
+    """A FAISS Flat index of ``n_rows`` float32 rows as ``analysis/dense_index.py`` builds it: its storage sized
+    once, then filled 65,536 rows at a time."""
+    return f"FAISS Flat storage ({n_rows:,}, {d}) float32 = {mib(n_rows * d * 4)}, sized once"
 
 
 def paths(work: Path) -> dict[str, Path]:
