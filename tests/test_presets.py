@@ -247,7 +247,9 @@ def test_a_run_killed_during_sae_training_resumes_to_the_same_weights(tmp_path):
     killed = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--out", str(tmp_path / "a"),
                              *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, KILL_ENV: "201"})
     assert killed.returncode != 0
-    assert (tmp_path / "a" / ".sae.partial" / "checkpoint.pt").is_file() and not (tmp_path / "a" / "sae").exists()
+    # A stage is built beside the run (RUN_DIR/.next) and moved in only when it has succeeded.
+    assert (tmp_path / "a" / ".next" / ".sae.partial" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "a" / "sae").exists()
     rc, text, err = _cli("--out", str(tmp_path / "a"), *args)
     assert rc == 0, err
     assert "backbone: reusing" in text and "store: reusing" in text
