@@ -49,15 +49,15 @@ from analysis.spaces import SPACE_NAMES  # noqa: E402
 from embeddings.store import EmbeddingStore  # noqa: E402
 from sae.codes import CodeStore  # noqa: E402
 
+from machine import cpu_model, load_average  # noqa: E402  (this folder, first on the path of a script)
+
 
 def machine_line() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    return f"machine: {model}, {os.cpu_count()} cpus"
+    return f"machine: {cpu_model()}, {os.cpu_count()} cpus"
 
 
 def load_line() -> str:
-    return (f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, "
+    return (f"load average {load_average()}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
 
 

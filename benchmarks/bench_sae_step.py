@@ -40,25 +40,12 @@ from sae.model import TopKSAE  # noqa: E402
 from sae.precision import NATIVE_BF16_FLAGS, choose_precision, cpu_flags  # noqa: E402
 from sae.reference import DenseTopKSAE  # noqa: E402
 
+from machine import cpu_model, load_average  # noqa: E402  (this folder, first on the path of a script)
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 CO_RUNNER = (

@@ -49,6 +49,7 @@ from analysis.stats import accuracy, paired_difference  # noqa: E402
 from analysis.ttt.data import SparseTopics, sparse_topics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, load_average  # noqa: E402
 from ttt_loop import save_problem  # noqa: E402
 
 
@@ -70,17 +71,6 @@ def parse() -> argparse.Namespace:
 
 
 # -- the machine --------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def busy_jiffies() -> int:
     """CPU time of the whole machine in clock ticks, idle and iowait left out (``/proc/stat``; 0 elsewhere)."""
     try:
@@ -109,7 +99,7 @@ def describe_machine() -> None:
             x @ w
         rate = 5 * 2 * a.shape[0] * 512 * 1000 / (time.perf_counter() - start) / 1e9
         print(f"  {name} matmul (3840, 512) @ (512, 1000): {rate:6.1f} GFLOP/s")
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at start: {load_average()}")
 
 
 # -- the modes ----------------------------------------------------------------------------------------------

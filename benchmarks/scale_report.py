@@ -6,10 +6,11 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from machine import cpu_model, load_average
 
 GiB = 2**30
 ENCODE_TARGET = 20_000
@@ -26,17 +27,15 @@ STAGES = ("store", "sae", "codes", "concepts", "ttt", "ttt-exact", "query", "que
 def load_line() -> str:
     policy = os.environ.get("OMP_WAIT_POLICY")
     policy = policy if policy else "(unset: the toolkit sets PASSIVE when it loads)"
-    return f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, OMP_WAIT_POLICY={policy}"
+    return f"load average {load_average()}, OMP_WAIT_POLICY={policy}"
 
 
 def machine_lines(work: Path) -> list[str]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "?")
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     disk = shutil.disk_usage(work)
     versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "numpy", "faiss-cpu"))
-    return [f"machine: {model}, {os.cpu_count()} cpus, {mem_kib / 2**20:.1f} GiB memory, Python "
+    return [f"machine: {cpu_model()}, {os.cpu_count()} cpus, {mem_kib / 2**20:.1f} GiB memory, Python "
             f"{platform.python_version()}, {versions}",
             f"work directory {work}: {disk.free / GiB:.1f} GiB free of {disk.total / GiB:.1f} GiB",
             f"start: {load_line()}"]
