@@ -30,7 +30,7 @@ from torch import nn
 from analysis.heads import Head, dense_rows, head_features, head_loss, head_outputs, n_rows
 from analysis.neighbours import NeighbourIndex, SparseCodes
 from analysis.batched_ttt import FAST_CHUNK, LocalOutputs, exact_block, queries_per_batch, ttt_exact, ttt_fast
-from sae.precision import native_bf16
+from sae.precision import GAIN as BF16_GAIN, native_bf16  # the margin against timing noise, as the SAE's
 
 MODES = ("erm", "sequential")
 IMPLS = ("reference", "exact", "fast")
@@ -40,9 +40,6 @@ SMALL_MACS = 1 << 22
 """Below this many multiply-adds in one query's global outputs (``n_neighbours × n_features × n_outputs``) a
 step's matmuls take microseconds and bf16 cannot pay for its casts: ``auto`` keeps float32 without measuring,
 so that small problems never depend on a timing."""
-BF16_GAIN = 1.15
-"""``auto`` takes bf16 only when the mode measures at least this much faster with it: a margin against timing
-noise (the one ``sae/precision.py`` uses), since bf16 also rounds the change's matmuls."""
 
 
 @dataclass(frozen=True)
